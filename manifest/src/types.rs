@@ -1,0 +1,423 @@
+//! Manifest schema, format 1.
+//!
+//! These types are encoded with postcard, which is not self-describing: the
+//! field order *is* the wire format. Never reorder, remove or retype a field
+//! here. A schema change means a new format number, a frozen copy of these
+//! types for the old format, and a conversion (see `envelope::decode_payload`).
+//! `#[serde(default)]` only affects the TOML authoring form.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything one node is told to run, at one version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The node this manifest is for (`cairn.node=` on the node's command line).
+    pub node: String,
+    /// Strictly increasing per node; a node refuses anything lower than it applied.
+    pub version: u64,
+    /// Unix seconds when it was signed; also a floor for the node's clock.
+    pub issued_at: u64,
+    /// Unix seconds after which a node refuses it when fetched from the hub.
+    pub expires_at: u64,
+    /// Node and workload networking.
+    #[serde(default)]
+    pub network: NetworkSpec,
+    /// State volume selection.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// Containers to run.
+    #[serde(default, rename = "container")]
+    pub containers: Vec<ContainerSpec>,
+    /// Virtual machines to run.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmSpec>,
+    /// Functions (containers with pre-warmed instances).
+    #[serde(default, rename = "function")]
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// Networking of the node and of its workloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// IPv4 subnet of the workload bridge in CIDR form; the node takes `.1`.
+    #[serde(default = "default_workload_subnet")]
+    pub workload_subnet: String,
+    /// Extra resolvers for the node (in addition to DHCP's), as IPv4 literals.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Per-interface static settings (filled in by the networking work).
+    #[serde(default, rename = "interface")]
+    pub interfaces: Vec<InterfaceSpec>,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        NetworkSpec {
+            workload_subnet: default_workload_subnet(),
+            dns: Vec::new(),
+            interfaces: Vec::new(),
+        }
+    }
+}
+
+fn default_workload_subnet() -> String {
+    "10.88.0.0/24".to_string()
+}
+
+/// Static configuration of one node interface, matched by name or MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSpec {
+    /// Interface name (`eth0`) or MAC (`52:54:00:12:34:56`).
+    pub matches: String,
+    /// `dhcp` (the default) or `static`.
+    #[serde(default = "default_dhcp")]
+    pub mode: String,
+    /// Static addresses in CIDR form.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Default gateway.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// MTU; `None` keeps the link's.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+fn default_dhcp() -> String {
+    "dhcp".to_string()
+}
+
+/// Which disk holds the state volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSpec {
+    /// Disk serial to use (and, with `wipe`, to format even if it has data).
+    #[serde(default)]
+    pub state_disk_serial: Option<String>,
+    /// Allow formatting a disk that holds data we don't recognise.
+    #[serde(default)]
+    pub wipe: bool,
+}
+
+/// What to do when a workload's process ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whatever the exit status (with backoff).
+    #[default]
+    Always,
+    /// Restart after a non-zero exit or a signal, up to `max_restarts`.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// An OCI image pinned by digest: `registry/repository@sha256:…`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// Registry host and optional port, as the node reaches it (`10.0.2.2:5000`).
+    pub registry: String,
+    /// Repository path (`demo/hello`).
+    pub repository: String,
+    /// Manifest digest (`sha256:<64 hex>`): nothing is run without one.
+    pub digest: String,
+    /// Talk plain HTTP to this registry (only when the manifest says so).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// A port published on the node's addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Port on the node.
+    pub host: u16,
+    /// Port inside the workload.
+    pub container: u16,
+    /// `tcp` or `udp`.
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+}
+
+fn default_tcp() -> String {
+    "tcp".to_string()
+}
+
+/// An environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A container workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// Unique among the node's workloads; also its hostname and DNS name.
+    pub name: String,
+    /// The image.
+    pub image: ImageRef,
+    /// Replaces the image's entrypoint + cmd when set.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Added to the image's environment (overriding same names).
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+    /// Published ports.
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortSpec>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// With `on-failure`: restarts allowed before giving up (0 = unlimited).
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// Memory limit in MiB (cgroup `memory.max`); `None` = unlimited.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// CPU limit in millicores (cgroup `cpu.max`); `None` = unlimited.
+    #[serde(default)]
+    pub cpu_millis: Option<u32>,
+    /// Maximum number of tasks (cgroup `pids.max`).
+    #[serde(default)]
+    pub pids_max: Option<u32>,
+}
+
+/// A file the node fetches by URL and checks against its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Where to fetch it.
+    pub url: String,
+    /// `sha256:<64 hex>`.
+    pub sha256: String,
+}
+
+/// A disk attached to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The initial image.
+    pub source: Artifact,
+    /// `raw` or `qcow2`.
+    #[serde(default = "default_raw")]
+    pub format: String,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn default_raw() -> String {
+    "raw".to_string()
+}
+
+/// A virtual machine workload (run by cairn's own VMM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique among the node's workloads.
+    pub name: String,
+    /// Virtual CPUs.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel to boot; `None` = boot the kernel found in the first disk.
+    #[serde(default)]
+    pub kernel: Option<Artifact>,
+    /// Initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<Artifact>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Disks, in order (`vda`, `vdb`, …).
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskSpec>,
+    /// Published ports.
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortSpec>,
+    /// Restart policy (guest poweroff counts as an exit with status 0).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How a function instance receives its request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FunctionProtocol {
+    /// Request on stdin, response on stdout.
+    #[default]
+    Stdio,
+    /// The instance serves HTTP on `port`.
+    Http,
+}
+
+/// A function: a container image with a pool of pre-started instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// Unique among the node's workloads; the route defaults to `/fn/<name>`.
+    pub name: String,
+    /// The image.
+    pub image: ImageRef,
+    /// Replaces the image's entrypoint + cmd when set.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Instances kept started and waiting.
+    #[serde(default = "one")]
+    pub hot_instances: u32,
+    /// Invocations running at once; more queue, then get 429.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: u32,
+    /// Per-invocation timeout in milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Protocol.
+    #[serde(default)]
+    pub protocol: FunctionProtocol,
+    /// Port the instance listens on, for `http`.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+fn default_concurrency() -> u32 {
+    4
+}
+fn default_timeout() -> u64 {
+    30_000
+}
+
+/// Why a manifest's content is unusable even though its signature is fine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Two workloads share a name.
+    #[error("duplicate workload name {0:?}")]
+    DuplicateName(String),
+    /// A name is not a valid hostname label.
+    #[error("workload name {0:?} is not a lowercase DNS label (a-z, 0-9, '-', 1-63 chars)")]
+    BadName(String),
+    /// A digest is not `sha256:<64 hex>`.
+    #[error("{what}: digest {digest:?} is not sha256:<64 lowercase hex>")]
+    BadDigest {
+        /// Which field.
+        what: String,
+        /// The value.
+        digest: String,
+    },
+    /// Two workloads publish the same node port.
+    #[error("node port {0}/{1} is published twice")]
+    DuplicatePort(u16, String),
+    /// A protocol other than tcp/udp.
+    #[error("port {0}: protocol {1:?} is not tcp or udp")]
+    BadProtocol(u16, String),
+    /// The workload subnet is not an IPv4 CIDR with room for workloads.
+    #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
+    BadSubnet(String),
+}
+
+/// Checks a digest string of the form `sha256:<64 lowercase hex>`.
+pub fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Parses `a.b.c.d/len` into (network, prefix length).
+pub fn parse_ipv4_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some((addr, len))
+}
+
+impl Manifest {
+    /// Parses the TOML authoring form.
+    pub fn from_toml(text: &str) -> Result<Manifest, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks what the signature cannot: names, digests, ports, subnet.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut ports = std::collections::BTreeSet::new();
+        let all_names = self
+            .containers
+            .iter()
+            .map(|c| &c.name)
+            .chain(self.vms.iter().map(|v| &v.name))
+            .chain(self.functions.iter().map(|f| &f.name));
+        for n in all_names {
+            if !is_dns_label(n) {
+                return Err(SpecError::BadName(n.clone()));
+            }
+            if !names.insert(n.clone()) {
+                return Err(SpecError::DuplicateName(n.clone()));
+            }
+        }
+        let mut check_image = |name: &str, img: &ImageRef| {
+            if is_sha256_digest(&img.digest) {
+                Ok(())
+            } else {
+                Err(SpecError::BadDigest {
+                    what: format!("{name}.image"),
+                    digest: img.digest.clone(),
+                })
+            }
+        };
+        for c in &self.containers {
+            check_image(&c.name, &c.image)?;
+        }
+        for f in &self.functions {
+            check_image(&f.name, &f.image)?;
+        }
+        for v in &self.vms {
+            let arts = v.kernel.iter().chain(v.initrd.iter()).chain(v.disks.iter().map(|d| &d.source));
+            for a in arts {
+                if !is_sha256_digest(&a.sha256) {
+                    return Err(SpecError::BadDigest {
+                        what: format!("{}: {}", v.name, a.url),
+                        digest: a.sha256.clone(),
+                    });
+                }
+            }
+        }
+        let all_ports = self
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter())
+            .chain(self.vms.iter().flat_map(|v| v.ports.iter()));
+        for p in all_ports {
+            if p.protocol != "tcp" && p.protocol != "udp" {
+                return Err(SpecError::BadProtocol(p.host, p.protocol.clone()));
+            }
+            if !ports.insert((p.host, p.protocol.clone())) {
+                return Err(SpecError::DuplicatePort(p.host, p.protocol.clone()));
+            }
+        }
+        match parse_ipv4_cidr(&self.network.workload_subnet) {
+            Some((_, len)) if (16..=29).contains(&len) => {}
+            _ => return Err(SpecError::BadSubnet(self.network.workload_subnet.clone())),
+        }
+        Ok(())
+    }
+}

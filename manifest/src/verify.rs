@@ -1,0 +1,331 @@
+//! The trust model's checks, as one pure function (docs/design.md, "Trust").
+//!
+//! Order: envelope → known key → signature (`verify_strict`) → payload
+//! format → node id → expiry → version against what was applied → content.
+//! Every refusal is a typed [`Rejection`] whose message names the problem.
+
+use crate::envelope::{Envelope, EnvelopeError};
+use crate::keys::{KeyId, TrustStore};
+use crate::types::{Manifest, SpecError};
+use ed25519_dalek::Signature;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a node has applied: the highest version and the digest of its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Version.
+    pub version: u64,
+    /// sha256 of the payload bytes, hex.
+    pub payload_sha256: String,
+}
+
+/// What to do with a manifest that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A newer version: apply it.
+    Apply(Box<Manifest>),
+    /// The version already applied, byte for byte: nothing to do.
+    Unchanged,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The envelope or payload does not decode.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// Signed by a key that is not (or not selected as) trusted.
+    #[error("signed by key {0}, which this node does not trust")]
+    UnknownKey(KeyId),
+    /// The signature does not verify.
+    #[error("bad signature (key {0}): the manifest was altered or signed by another key")]
+    BadSignature(KeyId),
+    /// For another node.
+    #[error("manifest is for node {got:?}, this node is {expected:?}")]
+    WrongNode {
+        /// This node.
+        expected: String,
+        /// The manifest's node.
+        got: String,
+    },
+    /// Past its expiry.
+    #[error("manifest version {version} expired at {expires_at} (now {now})")]
+    Expired {
+        /// Version.
+        version: u64,
+        /// Expiry, unix seconds.
+        expires_at: u64,
+        /// Node clock, unix seconds.
+        now: u64,
+    },
+    /// Lower than the applied version.
+    #[error("manifest version {offered} is lower than the applied version {applied} (rollback refused)")]
+    Rollback {
+        /// Applied.
+        applied: u64,
+        /// Offered.
+        offered: u64,
+    },
+    /// Same version, different content.
+    #[error("manifest version {0} is already applied with different content (version reuse refused)")]
+    VersionReuse(u64),
+    /// Signed correctly but its content is unusable.
+    #[error("manifest version {version} is invalid: {error}")]
+    Invalid {
+        /// Version.
+        version: u64,
+        /// What is wrong.
+        error: SpecError,
+    },
+}
+
+impl Rejection {
+    /// A short stable code for status reports and tests.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Envelope(_) => "malformed",
+            Rejection::UnknownKey(_) => "unknown-key",
+            Rejection::BadSignature(_) => "bad-signature",
+            Rejection::WrongNode { .. } => "wrong-node",
+            Rejection::Expired { .. } => "expired",
+            Rejection::Rollback { .. } => "rollback",
+            Rejection::VersionReuse(_) => "version-reuse",
+            Rejection::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+/// Verifies envelope bytes for `node` at time `now` (unix seconds), given
+/// what was applied before. On success also returns the new [`Applied`].
+pub fn verify(
+    bytes: &[u8],
+    trust: &TrustStore,
+    node: &str,
+    now: u64,
+    applied: Option<&Applied>,
+) -> Result<(Decision, Applied), Rejection> {
+    let env = Envelope::from_bytes(bytes)?;
+    let key = trust.get(&env.key_id).ok_or_else(|| Rejection::UnknownKey(env.key_id.clone()))?;
+    let sig_bytes: [u8; 64] = env
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| Rejection::BadSignature(env.key_id.clone()))?;
+    key.verify_strict(&env.signed_bytes(), &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| Rejection::BadSignature(env.key_id.clone()))?;
+    let manifest = env.decode_payload()?;
+    if manifest.node != node {
+        return Err(Rejection::WrongNode {
+            expected: node.to_string(),
+            got: manifest.node,
+        });
+    }
+    if now > manifest.expires_at {
+        return Err(Rejection::Expired {
+            version: manifest.version,
+            expires_at: manifest.expires_at,
+            now,
+        });
+    }
+    let this = Applied {
+        version: manifest.version,
+        payload_sha256: hex::encode(Sha256::digest(&env.payload)),
+    };
+    if let Some(prev) = applied {
+        if manifest.version < prev.version {
+            return Err(Rejection::Rollback {
+                applied: prev.version,
+                offered: manifest.version,
+            });
+        }
+        if manifest.version == prev.version {
+            return if this.payload_sha256 == prev.payload_sha256 {
+                Ok((Decision::Unchanged, this))
+            } else {
+                Err(Rejection::VersionReuse(manifest.version))
+            };
+        }
+    }
+    manifest.validate().map_err(|error| Rejection::Invalid {
+        version: manifest.version,
+        error,
+    })?;
+    Ok((Decision::Apply(Box::new(manifest)), this))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SigningKey;
+    use crate::types::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn manifest(node: &str, version: u64) -> Manifest {
+        Manifest::from_toml(&format!(
+            r#"
+node = "{node}"
+version = {version}
+issued_at = {issued}
+expires_at = {expires}
+
+[[container]]
+name = "web"
+image = {{ registry = "10.0.2.2:5000", repository = "demo/hello", digest = "sha256:{d}", insecure = true }}
+port = [{{ host = 8080, container = 80 }}]
+"#,
+            issued = NOW - 10,
+            expires = NOW + 3600,
+            d = "ab".repeat(32)
+        ))
+        .unwrap()
+    }
+
+    fn setup() -> (SigningKey, TrustStore) {
+        let k = SigningKey::from_seed([7; 32]);
+        let mut t = TrustStore::new();
+        t.add(k.verifying_key());
+        (k, t)
+    }
+
+    #[test]
+    fn round_trip_applies() {
+        let (k, t) = setup();
+        let m = manifest("n1", 3);
+        let bytes = Envelope::seal(&m, &k).to_bytes();
+        let (d, applied) = verify(&bytes, &t, "n1", NOW, None).unwrap();
+        assert_eq!(d, Decision::Apply(Box::new(m)));
+        assert_eq!(applied.version, 3);
+        // The same bytes again: a no-op.
+        let (d2, _) = verify(&bytes, &t, "n1", NOW, Some(&applied)).unwrap();
+        assert_eq!(d2, Decision::Unchanged);
+        // A higher version: applied.
+        let b4 = Envelope::seal(&manifest("n1", 4), &k).to_bytes();
+        assert!(matches!(verify(&b4, &t, "n1", NOW, Some(&applied)).unwrap().0, Decision::Apply(_)));
+    }
+
+    #[test]
+    fn tampered_payload_is_bad_signature() {
+        let (k, t) = setup();
+        let mut env = Envelope::seal(&manifest("n1", 1), &k);
+        let last = env.payload.len() - 1;
+        env.payload[last] ^= 1;
+        let e = verify(&env.to_bytes(), &t, "n1", NOW, None).unwrap_err();
+        assert_eq!(e.code(), "bad-signature");
+        assert!(e.to_string().contains("bad signature"));
+    }
+
+    #[test]
+    fn tampered_wire_bytes_never_verify() {
+        let (k, t) = setup();
+        let bytes = Envelope::seal(&manifest("n1", 1), &k).to_bytes();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(verify(&b, &t, "n1", NOW, None).is_err(), "flipping byte {i} was accepted");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let (_, t) = setup();
+        let other = SigningKey::from_seed([9; 32]);
+        let bytes = Envelope::seal(&manifest("n1", 1), &other).to_bytes();
+        let e = verify(&bytes, &t, "n1", NOW, None).unwrap_err();
+        assert_eq!(e, Rejection::UnknownKey(other.id()));
+    }
+
+    #[test]
+    fn signature_by_other_key_under_trusted_id_is_refused() {
+        let (k, t) = setup();
+        let other = SigningKey::from_seed([9; 32]);
+        let mut env = Envelope::seal(&manifest("n1", 1), &other);
+        env.key_id = k.id();
+        assert_eq!(verify(&env.to_bytes(), &t, "n1", NOW, None).unwrap_err().code(), "bad-signature");
+    }
+
+    #[test]
+    fn wrong_node_is_refused() {
+        let (k, t) = setup();
+        let bytes = Envelope::seal(&manifest("n2", 1), &k).to_bytes();
+        let e = verify(&bytes, &t, "n1", NOW, None).unwrap_err();
+        assert_eq!(
+            e,
+            Rejection::WrongNode {
+                expected: "n1".into(),
+                got: "n2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn expired_is_refused() {
+        let (k, t) = setup();
+        let bytes = Envelope::seal(&manifest("n1", 1), &k).to_bytes();
+        let e = verify(&bytes, &t, "n1", NOW + 3601, None).unwrap_err();
+        assert_eq!(e.code(), "expired");
+    }
+
+    #[test]
+    fn rollback_and_reuse_are_refused() {
+        let (k, t) = setup();
+        let applied = Applied {
+            version: 5,
+            payload_sha256: "00".repeat(32),
+        };
+        let lower = Envelope::seal(&manifest("n1", 4), &k).to_bytes();
+        assert_eq!(
+            verify(&lower, &t, "n1", NOW, Some(&applied)).unwrap_err(),
+            Rejection::Rollback { applied: 5, offered: 4 }
+        );
+        let same = Envelope::seal(&manifest("n1", 5), &k).to_bytes();
+        assert_eq!(
+            verify(&same, &t, "n1", NOW, Some(&applied)).unwrap_err(),
+            Rejection::VersionReuse(5)
+        );
+    }
+
+    #[test]
+    fn unknown_format_and_garbage_are_refused() {
+        let (k, t) = setup();
+        let env = Envelope::sign_payload(99, vec![1, 2, 3], &k);
+        assert_eq!(
+            verify(&env.to_bytes(), &t, "n1", NOW, None).unwrap_err(),
+            Rejection::Envelope(EnvelopeError::UnknownFormat(99))
+        );
+        assert_eq!(verify(b"hello", &t, "n1", NOW, None).unwrap_err().code(), "malformed");
+        assert_eq!(verify(&[], &t, "n1", NOW, None).unwrap_err().code(), "malformed");
+    }
+
+    #[test]
+    fn invalid_content_is_refused_with_reason() {
+        let (k, t) = setup();
+        let mut m = manifest("n1", 1);
+        m.containers[0].image.digest = "latest".into();
+        let e = verify(&Envelope::seal(&m, &k).to_bytes(), &t, "n1", NOW, None).unwrap_err();
+        assert_eq!(e.code(), "invalid");
+        assert!(e.to_string().contains("latest"), "{e}");
+        let mut m = manifest("n1", 1);
+        m.containers.push(m.containers[0].clone());
+        let e = verify(&Envelope::seal(&m, &k).to_bytes(), &t, "n1", NOW, None).unwrap_err();
+        assert!(e.to_string().contains("duplicate workload name"), "{e}");
+    }
+
+    /// Format 1 wire bytes are frozen: this fixed envelope must keep decoding
+    /// in every future build (the last known good manifest on disk).
+    #[test]
+    fn format_v1_bytes_stay_decodable() {
+        let k = SigningKey::from_seed([1; 32]);
+        let m = manifest("n1", 1);
+        let bytes = Envelope::seal(&m, &k).to_bytes();
+        let fixture = include_bytes!("../tests/fixtures/v1-envelope.bin");
+        if bytes.as_slice() != fixture.as_slice() && std::env::var_os("CAIRN_BLESS").is_some() {
+            std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-envelope.bin"), &bytes).unwrap();
+        }
+        let mut t = TrustStore::new();
+        t.add(k.verifying_key());
+        let (d, _) = verify(fixture, &t, "n1", NOW, None).expect("format 1 fixture must verify");
+        assert_eq!(d, Decision::Apply(Box::new(m)));
+    }
+}
