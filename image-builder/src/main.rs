@@ -1,1 +1,175 @@
-fn main() {}
+//! `cairn-image`: the command line over the `cairn_image` library.
+//! Results go to stdout (the last line is what scripts capture), warnings
+//! and progress to stderr.
+
+use anyhow::Context;
+use cairn_image::initramfs::{self, Compression, ExtraFile};
+use cairn_image::push::{BlobStatus, Target};
+use cairn_image::{epoch, oci, output, push};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn-image",
+    version,
+    about = "Builds cairn images: initramfs, OCI layouts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the node's initramfs (cpio newc, compressed).
+    Initramfs {
+        /// The PID 1 binary, stored as /init.
+        #[arg(long, value_name = "PATH")]
+        init: PathBuf,
+        /// Directory of trusted *.pub keys to bake in.
+        #[arg(long, value_name = "DIR")]
+        keys: PathBuf,
+        /// Output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Extra file to add (repeatable).
+        #[arg(long = "file", value_name = "SRC:DEST")]
+        files: Vec<ExtraFile>,
+        /// zstd, gzip or none.
+        #[arg(long, default_value_t = Compression::Zstd)]
+        compression: Compression,
+        /// mtime of every entry and the clock floor [default: $SOURCE_DATE_EPOCH or 0].
+        #[arg(long, value_name = "N")]
+        epoch: Option<u64>,
+    },
+    /// Build an OCI image layout for one static binary.
+    Oci {
+        /// The static binary.
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+        /// Output directory (replaced if it is an OCI layout).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// File name of the binary in the image (/NAME, the entrypoint).
+        #[arg(long, default_value = "hello")]
+        name: String,
+        /// Port the binary listens on (PORT env, ExposedPorts).
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// mtime of every layer entry and the config's `created` [default: $SOURCE_DATE_EPOCH or 0].
+        #[arg(long, value_name = "N")]
+        epoch: Option<u64>,
+    },
+    /// Push an OCI image layout to a registry (plain HTTP only, for now).
+    Push {
+        /// The OCI layout directory.
+        #[arg(long, value_name = "DIR")]
+        layout: PathBuf,
+        /// Destination.
+        #[arg(long, value_name = "HOST:PORT/REPO:TAG")]
+        to: Target,
+        /// Allow plain HTTP (required: HTTPS is not supported yet).
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Initramfs {
+            init,
+            keys,
+            out,
+            files,
+            compression,
+            epoch,
+        } => {
+            let spec = initramfs::Spec {
+                init,
+                keys_dir: keys,
+                extra_files: files,
+                compression,
+                epoch: epoch::resolve(epoch)?,
+            };
+            let image = initramfs::build(&spec).context("building the initramfs")?;
+            output::write_atomic(&out, &image.bytes)?;
+            let size = image.bytes.len() as u64;
+            let ids: Vec<String> = image.keys.iter().map(ToString::to_string).collect();
+            eprintln!(
+                "initramfs: {} entries, {compression}, epoch {}, trusted keys {}",
+                image.paths.len(),
+                spec.epoch,
+                ids.join(", ")
+            );
+            if size > initramfs::SIZE_BUDGET {
+                eprintln!(
+                    "warning: the initramfs is {:.2} MiB compressed, over the {} MiB budget",
+                    mib(size),
+                    initramfs::SIZE_BUDGET / (1024 * 1024)
+                );
+            }
+            println!(
+                "initramfs: {} {size} bytes ({:.2} MiB) compressed, {} uncompressed, sha256 {}",
+                out.display(),
+                mib(size),
+                image.uncompressed_len,
+                image.sha256
+            );
+        }
+        Command::Oci {
+            binary,
+            out,
+            name,
+            port,
+            epoch,
+        } => {
+            let spec = oci::Spec {
+                binary,
+                name,
+                port,
+                epoch: epoch::resolve(epoch)?,
+            };
+            let built = oci::build(&spec, &out).context("building the OCI layout")?;
+            println!(
+                "oci: {} layer {} ({} bytes, {} uncompressed), config {} ({} bytes), manifest {} bytes",
+                out.display(),
+                built.layer.digest,
+                built.layer.size,
+                built.tar_size,
+                built.config.digest,
+                built.config.size,
+                built.manifest.size
+            );
+            println!("{}", built.manifest.digest);
+        }
+        Command::Push {
+            layout,
+            to,
+            insecure,
+        } => {
+            let opened = oci::Layout::open(&layout)?;
+            let pushed = push::push(&opened, &to, insecure)
+                .with_context(|| format!("pushing {} to {to}", layout.display()))?;
+            for b in &pushed.blobs {
+                let what = match b.status {
+                    BlobStatus::Exists => "exists",
+                    BlobStatus::Uploaded => "uploaded",
+                };
+                println!("blob {} {} bytes: {what}", b.digest, b.size);
+            }
+            if !pushed.digest_confirmed {
+                eprintln!("warning: the registry did not confirm the manifest digest (no Docker-Content-Digest header)");
+            }
+            println!(
+                "pushed {}/{}@{}",
+                to.registry, to.repository, pushed.manifest_digest
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,30 @@
-fn main() {}
+//! cairn-init: PID 1 of a cairn node, and (as subcommands of the same static
+//! binary) the helpers it runs as child processes.
+
+mod cmdline;
+mod container;
+mod hub;
+mod net;
+mod oci;
+mod pid1;
+mod shim;
+mod supervisor;
+mod sys;
+mod timeline;
+mod workload;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("container-shim") if args.len() == 3 => shim::main(&args[2]),
+        _ if std::process::id() == 1 => pid1::main(),
+        Some("--version") => println!("cairn-init {}", env!("CARGO_PKG_VERSION")),
+        _ => {
+            eprintln!(
+                "cairn-init is the PID 1 of a cairn node: boot it as /init in the initramfs.\n\
+                 Subcommands (used internally): container-shim SPEC"
+            );
+            std::process::exit(2);
+        }
+    }
+}

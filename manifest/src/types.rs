@@ -374,7 +374,7 @@ impl Manifest {
                 return Err(SpecError::DuplicateName(n.clone()));
             }
         }
-        let mut check_image = |name: &str, img: &ImageRef| {
+        let check_image = |name: &str, img: &ImageRef| {
             if is_sha256_digest(&img.digest) {
                 Ok(())
             } else {

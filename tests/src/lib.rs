@@ -1,1 +1,316 @@
-//! e2e harness
+//! End-to-end harness: a closed test network in a network namespace (bridge,
+//! tap, dnsmasq as DHCP server), a real registry and a real hub inside it,
+//! and QEMU booting the real kernel + initramfs on the tap.
+//!
+//! Every process is started by us and killed by its pid when the guard that
+//! owns it drops (and QEMU also dies with the test via PR_SET_PDEATHSIG);
+//! the namespace and temp directory are removed the same way.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Inputs from the Makefile (`make test` / `make e2e`).
+pub struct Inputs {
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// Static PID 1.
+    pub init: PathBuf,
+    /// Static demo server.
+    pub hello: PathBuf,
+    /// Directory with cairn-hub, cairnctl, cairn-image.
+    pub tools: PathBuf,
+}
+
+/// Returns the inputs, or the reason the end-to-end tests cannot run here
+/// (the caller prints `SKIP: <reason>`).
+pub fn inputs() -> Result<Inputs, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("end-to-end tests need root (network namespaces, taps)".into());
+    }
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .ok_or_else(|| format!("{k} not set or missing: run through `make test` or `make e2e`"))
+    };
+    for tool in ["qemu-system-x86_64", "dnsmasq", "docker-registry", "ip"] {
+        if which(tool).is_none() {
+            return Err(format!("{tool} not installed (make deps)"));
+        }
+    }
+    Ok(Inputs {
+        kernel: var("CAIRN_KERNEL")?,
+        init: var("CAIRN_INIT")?,
+        hello: var("CAIRN_HELLO")?,
+        tools: var("CAIRN_TOOLS")?,
+    })
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file());
+    found
+}
+
+/// Runs a command to completion; fails with its output when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A process killed (SIGKILL, then reaped) when dropped.
+pub struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns with PR_SET_PDEATHSIG so it dies with the test process too.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        // SAFETY: prctl is async-signal-safe and only affects the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if it already exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited early: {st}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The closed test network.
+pub struct TestNet {
+    /// Namespace name.
+    pub ns: String,
+    /// Gateway / server address on the bridge.
+    pub host_ip: String,
+    /// Temp dir for everything the test writes.
+    pub dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl TestNet {
+    /// Creates the namespace with a bridge, a tap for QEMU and dnsmasq.
+    pub fn new() -> Result<TestNet> {
+        let ns = format!("cairn-e2e-{}", std::process::id());
+        let dir = tempfile::Builder::new().prefix("cairn-e2e.").tempdir()?;
+        let net = TestNet {
+            ns: ns.clone(),
+            host_ip: "10.77.0.1".into(),
+            dir,
+            procs: Vec::new(),
+        };
+        run(Command::new("ip").args(["netns", "add", &ns]))?;
+        let ipn = |args: &[&str]| run(Command::new("ip").arg("-n").arg(&ns).args(args));
+        ipn(&["link", "set", "lo", "up"])?;
+        ipn(&["link", "add", "br0", "type", "bridge"])?;
+        ipn(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
+        ipn(&["link", "set", "br0", "up"])?;
+        ipn(&["tuntap", "add", "tap0", "mode", "tap"])?;
+        ipn(&["link", "set", "tap0", "master", "br0", "up"])?;
+        Ok(net)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
+
+    /// Starts a long-running process inside the namespace, output to a log file.
+    pub fn start(&mut self, name: &str, mut cmd: Command) -> Result<()> {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.procs.push(Proc::spawn(name, &mut cmd)?);
+        Ok(())
+    }
+
+    /// Starts dnsmasq as the DHCP server of the test network.
+    pub fn start_dhcp(&mut self) -> Result<()> {
+        let mut c = self.cmd("dnsmasq");
+        c.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--interface=br0",
+            "--bind-interfaces",
+            "--port=0",
+            "--dhcp-range=10.77.0.50,10.77.0.99,255.255.255.0,1h",
+            "--dhcp-option=option:router,10.77.0.1",
+            "--log-dhcp",
+        ])
+        .arg(format!("--dhcp-leasefile={}", self.dir.path().join("leases").display()))
+        .arg(format!("--pid-file={}", self.dir.path().join("dnsmasq.pid").display()));
+        self.start("dnsmasq", c)
+    }
+
+    /// Starts Debian's docker-registry on the bridge address.
+    pub fn start_registry(&mut self, port: u16) -> Result<String> {
+        let cfg = self.dir.path().join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{ level: info }}\nstorage: {{ filesystem: {{ rootdirectory: {} }} }}\nhttp: {{ addr: {}:{port} }}\n",
+                self.dir.path().join("registry").display(),
+                self.host_ip
+            ),
+        )?;
+        let mut c = self.cmd("docker-registry");
+        c.arg("serve").arg(&cfg);
+        self.start("registry", c)?;
+        let addr = format!("{}:{port}", self.host_ip);
+        let url = format!("http://{addr}/v2/");
+        self.wait_until("registry answering", Duration::from_secs(20), || Ok(self.http_get(&url).is_ok()))?;
+        Ok(addr)
+    }
+
+    /// Starts the hub on the bridge address.
+    pub fn start_hub(&mut self, tools: &Path, port: u16) -> Result<String> {
+        let mut c = self.cmd(tools.join("cairn-hub"));
+        c.arg("--data").arg(self.dir.path().join("hub")).arg("--listen").arg(format!("{}:{port}", self.host_ip));
+        self.start("hub", c)?;
+        let url = format!("http://{}:{port}", self.host_ip);
+        let health = format!("{url}/healthz");
+        self.wait_until("hub answering", Duration::from_secs(20), || Ok(self.http_get(&health).is_ok()))?;
+        Ok(url)
+    }
+
+    /// Boots QEMU on the tap; serial console to `serial.log`.
+    pub fn boot(&mut self, kernel: &Path, initrd: &Path, append: &str) -> Result<()> {
+        let mut c = self.cmd("qemu-system-x86_64");
+        c.args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-no-reboot", "-display", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", self.serial_path().display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(append)
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"]);
+        self.start("qemu", c)
+    }
+
+    /// Path of the node's serial console log.
+    pub fn serial_path(&self) -> PathBuf {
+        self.dir.path().join("serial.log")
+    }
+
+    /// The node's console so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(self.serial_path()).unwrap_or_default()
+    }
+
+    /// Checks that every started process still runs.
+    pub fn check_alive(&mut self) -> Result<()> {
+        for p in &mut self.procs {
+            p.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has joined the test namespace.
+    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid netns fd; setns only affects this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+
+    /// GET from inside the namespace; returns (status, body).
+    pub fn http_get(&self, url: &str) -> Result<(u16, String)> {
+        let url = url.to_string();
+        self.in_ns(move || -> Result<(u16, String)> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut resp = agent.get(&url).call()?;
+            let status = resp.status().as_u16();
+            let mut body = String::new();
+            resp.body_mut().as_reader().read_to_string(&mut body)?;
+            Ok((status, body))
+        })?
+    }
+
+    /// Polls `f` until it returns true, failing after `limit` with the
+    /// node's console tail in the error.
+    pub fn wait_until(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f().unwrap_or(false) {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let serial = self.serial();
+        let tail: Vec<&str> = serial.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("timed out after {limit:?} waiting for {what}; node console tail:\n{}", tail.join("\n"))
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // Processes first (reverse start order), then the namespace.
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        if std::env::var_os("CAIRN_KEEP_E2E").is_some() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", kept.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+        }
+    }
+}

@@ -1,1 +1,281 @@
-fn main() {}
+//! `hello`: the tiny HTTP/1.1 server that cairn runs as its demo container.
+//!
+//! std only, one thread per connection, `Connection: close` on every answer.
+//! It exists to prove that a node pulled and started an image, that requests
+//! reach it (the instance id tells restarts apart) and that PID 1 restarts a
+//! workload that exits (`GET /exit` makes it exit with status 3).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The exit status of `GET /exit`, distinct from 0 (SIGTERM) and from the
+/// 1/101 of an error or a panic, so a test can tell the three apart.
+const EXIT_STATUS: i32 = 3;
+
+/// A request head larger than this is refused: the server only answers
+/// three short paths and must not buffer whatever a client sends.
+const MAX_HEAD: usize = 8 * 1024;
+
+const SIGINT: c_int = 2;
+const SIGTERM: c_int = 15;
+
+extern "C" {
+    // From the C library std already links (glibc or musl); declared here so
+    // the demo needs no `libc` crate.
+    fn signal(signum: c_int, handler: extern "C" fn(c_int)) -> usize;
+    fn _exit(status: c_int) -> !;
+}
+
+extern "C" fn on_terminate(_signum: c_int) {
+    // SAFETY: `_exit` is async-signal-safe; it runs no destructors or atexit
+    // handlers that could deadlock on locks held by the interrupted thread.
+    unsafe { _exit(0) }
+}
+
+/// What the server knows about itself.
+struct State {
+    host: String,
+    instance: String,
+    requests: AtomicU64,
+}
+
+/// One answer.
+struct Response {
+    status: u16,
+    body: String,
+    /// Exit the process once the answer is flushed.
+    exit_after: bool,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            body: body.into(),
+            exit_after: false,
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        _ => "Unknown",
+    }
+}
+
+/// Maps a request line to an answer. Every request counts, including this one.
+fn route(state: &State, method: &str, target: &str) -> Response {
+    let n = state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    match (method, path) {
+        ("GET", "/") => Response::text(
+            200,
+            format!(
+                "hello from cairn: host={} instance={} requests={}\n",
+                state.host, state.instance, n
+            ),
+        ),
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/exit") => Response {
+            exit_after: true,
+            ..Response::text(200, "bye\n")
+        },
+        _ => Response::text(404, "not found\n"),
+    }
+}
+
+/// Reads the request head (up to the blank line) and returns its first line.
+fn read_request_line(stream: &TcpStream) -> Result<String, u16> {
+    let mut reader = BufReader::new(stream.take(MAX_HEAD as u64));
+    let mut first = String::new();
+    let mut line = String::new();
+    let mut total = 0usize;
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|_| 400u16)?;
+        if n == 0 {
+            // EOF before the blank line: either truncated or too large.
+            return Err(if total >= MAX_HEAD { 431 } else { 400 });
+        }
+        total += n;
+        if first.is_empty() {
+            first = line.trim_end().to_string();
+            if first.is_empty() {
+                return Err(400);
+            }
+        } else if line == "\r\n" || line == "\n" {
+            return Ok(first);
+        }
+    }
+}
+
+fn handle(state: &State, stream: TcpStream) -> io::Result<()> {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let (request, response) = match read_request_line(&stream) {
+        Ok(line) => {
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(method), Some(target), Some(version)) if version.starts_with("HTTP/1.") => {
+                    (line.clone(), route(state, method, target))
+                }
+                _ => (line.clone(), Response::text(400, "bad request\n")),
+            }
+        }
+        Err(status) => ("-".to_string(), Response::text(status, "bad request\n")),
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        reason(response.status),
+        response.body.len()
+    );
+    let mut out = &stream;
+    let written = out
+        .write_all(head.as_bytes())
+        .and_then(|()| out.write_all(response.body.as_bytes()))
+        .and_then(|()| out.flush());
+    eprintln!(
+        "hello: {peer} \"{request}\" {} {}",
+        response.status,
+        response.body.len()
+    );
+    if response.exit_after {
+        // Flushed above; shutting down the write side sends FIN so the
+        // client sees the whole answer before the process goes away.
+        let _ = stream.shutdown(Shutdown::Write);
+        eprintln!("hello: exiting with status {EXIT_STATUS} as asked");
+        std::process::exit(EXIT_STATUS);
+    }
+    written
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+fn hostname() -> String {
+    read_trimmed("/proc/sys/kernel/hostname")
+        .or_else(|| read_trimmed("/etc/hostname"))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn instance_id() -> String {
+    read_trimmed("/proc/sys/kernel/random/uuid").unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}-{nanos}", std::process::id())
+    })
+}
+
+fn main() {
+    // SAFETY: `on_terminate` only calls the async-signal-safe `_exit`, and
+    // `signal` is called before any other thread exists. Without a handler,
+    // SIGTERM would be ignored whenever this server is PID 1 of its own PID
+    // namespace (the kernel drops default-action signals to a namespace's init).
+    unsafe {
+        signal(SIGTERM, on_terminate);
+        signal(SIGINT, on_terminate);
+    }
+
+    let port = match std::env::var("PORT") {
+        Ok(p) => match p.parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => {
+                eprintln!("hello: PORT={p:?} is not a port number");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => 80,
+    };
+    let state = Arc::new(State {
+        host: hostname(),
+        instance: instance_id(),
+        requests: AtomicU64::new(0),
+    });
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hello: cannot listen on 0.0.0.0:{port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "hello: listening on 0.0.0.0:{port} host={} instance={}",
+        state.host, state.instance
+    );
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let state = Arc::clone(&state);
+                std::thread::spawn(move || {
+                    if let Err(e) = handle(&state, stream) {
+                        eprintln!("hello: connection error: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("hello: accept: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            host: "node1".into(),
+            instance: "abc".into(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn root_counts_requests() {
+        let s = state();
+        let r = route(&s, "GET", "/");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body,
+            "hello from cairn: host=node1 instance=abc requests=1\n"
+        );
+        route(&s, "GET", "/healthz");
+        let r = route(&s, "GET", "/?x=1");
+        assert_eq!(
+            r.body,
+            "hello from cairn: host=node1 instance=abc requests=3\n"
+        );
+    }
+
+    #[test]
+    fn healthz_exit_and_unknown() {
+        let s = state();
+        let r = route(&s, "GET", "/healthz");
+        assert_eq!(
+            (r.status, r.body.as_str(), r.exit_after),
+            (200, "ok\n", false)
+        );
+        let r = route(&s, "GET", "/exit");
+        assert_eq!(
+            (r.status, r.body.as_str(), r.exit_after),
+            (200, "bye\n", true)
+        );
+        assert_eq!(route(&s, "GET", "/nope").status, 404);
+        assert_eq!(route(&s, "POST", "/").status, 404);
+    }
+}

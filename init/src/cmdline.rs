@@ -1,0 +1,152 @@
+//! Kernel command line: the `cairn.*` keys PID 1 understands.
+//!
+//! Malformed values are named in an error and the default is used instead:
+//! a typo on an iPXE line must not leave a node unbootable.
+
+use std::time::Duration;
+
+/// Settings taken from `/proc/cmdline`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Hub base URL (`cairn.hub=http://10.0.2.2:7400`).
+    pub hub: Option<String>,
+    /// Node id (`cairn.node=`); defaults to one derived from the first MAC.
+    pub node: Option<String>,
+    /// Key ids selected among the baked-in keys (`cairn.trust=id1,id2`).
+    pub trust: Vec<String>,
+    /// How often to poll the hub (`cairn.poll=5`, seconds).
+    pub poll: Duration,
+    /// Interface to run DHCP on (`cairn.iface=eth0`); default: first NIC.
+    pub iface: Option<String>,
+    /// Skip moving off the initramfs rootfs (`cairn.noreroot`), for debugging.
+    pub noreroot: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hub: None,
+            node: None,
+            trust: Vec::new(),
+            poll: Duration::from_secs(5),
+            iface: None,
+            noreroot: false,
+        }
+    }
+}
+
+/// A command-line value we could not use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kernel command line: {key}={value:?}: {reason}; using the default")]
+pub struct CmdlineError {
+    /// Key.
+    pub key: String,
+    /// Offending value.
+    pub value: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn err(key: &str, value: &str, reason: &str) -> CmdlineError {
+    CmdlineError {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+fn valid_node(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// Parses the command line text. Unknown `cairn.*` keys are errors too
+/// (they are usually typos); other keys belong to the kernel and are ignored.
+pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
+    let mut cfg = Config::default();
+    let mut errors = Vec::new();
+    for word in text.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match key {
+            "cairn.hub" => {
+                let v = value.trim_end_matches('/');
+                if v.starts_with("http://") || v.starts_with("https://") {
+                    if v.len() > "https://".len() {
+                        cfg.hub = Some(v.to_string());
+                    } else {
+                        errors.push(err(key, value, "no host after the scheme"));
+                    }
+                } else {
+                    errors.push(err(key, value, "must start with http:// or https://"));
+                }
+            }
+            "cairn.node" => {
+                if valid_node(value) {
+                    cfg.node = Some(value.to_string());
+                } else {
+                    errors.push(err(key, value, "node ids are lowercase letters, digits, '-' and '.', at most 63"));
+                }
+            }
+            "cairn.trust" => {
+                for id in value.split(',').filter(|s| !s.is_empty()) {
+                    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        cfg.trust.push(id.to_ascii_lowercase());
+                    } else {
+                        errors.push(err(key, id, "a key id is 16 hex characters"));
+                    }
+                }
+            }
+            "cairn.poll" => match value.parse::<u64>() {
+                Ok(s) if (1..=3600).contains(&s) => cfg.poll = Duration::from_secs(s),
+                _ => errors.push(err(key, value, "seconds between 1 and 3600")),
+            },
+            "cairn.iface" => {
+                if !value.is_empty() && value.len() < 16 && !value.contains('/') {
+                    cfg.iface = Some(value.to_string());
+                } else {
+                    errors.push(err(key, value, "not an interface name"));
+                }
+            }
+            "cairn.noreroot" => cfg.noreroot = true,
+            k if k.starts_with("cairn.") => errors.push(err(key, value, "unknown cairn option")),
+            _ => {}
+        }
+    }
+    (cfg, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_keys() {
+        let (c, e) = parse(
+            "console=ttyS0 cairn.hub=http://10.0.2.2:7400/ cairn.node=edge-1 cairn.trust=0123456789abcdef cairn.poll=2 quiet",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.hub.as_deref(), Some("http://10.0.2.2:7400"));
+        assert_eq!(c.node.as_deref(), Some("edge-1"));
+        assert_eq!(c.trust, vec!["0123456789abcdef"]);
+        assert_eq!(c.poll, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn malformed_values_are_named_and_defaulted() {
+        let (c, e) = parse("cairn.hub=ftp://x cairn.node=Bad_Name cairn.poll=0 cairn.trust=xyz cairn.colour=blue");
+        assert_eq!(c, Config::default());
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["cairn.hub", "cairn.node", "cairn.poll", "cairn.trust", "cairn.colour"]);
+        assert!(e[1].to_string().contains("Bad_Name"), "{}", e[1]);
+        assert!(e[1].to_string().contains("using the default"));
+    }
+
+    #[test]
+    fn empty_and_garbage_do_not_panic() {
+        for s in ["", "=", "cairn.hub", "cairn.hub=", "cairn.node=", "cairn.trust=,,,", "\u{0}\u{ff}"] {
+            let _ = parse(s);
+        }
+    }
+}

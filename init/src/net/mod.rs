@@ -1,0 +1,203 @@
+//! Node networking (first NIC by DHCP) and the workload network (one bridge,
+//! one IPAM, a veth per container, published ports).
+
+pub mod dhcp;
+pub mod link;
+pub mod proxy;
+
+use link::{NetError, Netlink};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The node's uplink as configured.
+#[derive(Debug, Clone)]
+pub struct NodeNet {
+    /// Interface name.
+    pub iface: String,
+    /// Its MAC.
+    pub mac: [u8; 6],
+    /// The lease applied to it.
+    pub lease: dhcp::Lease,
+}
+
+/// The first MAC-bearing, non-virtual link (or the named one).
+pub fn pick_uplink(nl: &Netlink, want: Option<&str>) -> Result<link::LinkInfo, NetError> {
+    let mut links = nl.links()?;
+    links.sort_by_key(|l| l.index);
+    links
+        .into_iter()
+        .find(|l| match want {
+            Some(w) => l.name == w,
+            None => l.name != "lo" && l.mac.is_some() && !l.virtual_kind,
+        })
+        .filter(|l| l.mac.is_some())
+        .ok_or_else(|| NetError::NoLink(want.unwrap_or("<first ethernet NIC>").to_string()))
+}
+
+/// Brings up loopback and the uplink, runs DHCP until it gets a lease, and
+/// applies address, default route and resolv.conf. Retries forever with
+/// backoff: a node without a network cannot do anything useful, but it must
+/// not stop trying either.
+pub fn bring_up_uplink(want: Option<&str>, hostname: &str) -> NodeNet {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match try_bring_up(want, hostname) {
+            Ok(n) => return n,
+            Err(e) => {
+                tracing::error!(error = %e, retry_s = delay.as_secs(), "node network not up yet");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn try_bring_up(want: Option<&str>, hostname: &str) -> Result<NodeNet, String> {
+    let nl = Netlink::new().map_err(|e| e.to_string())?;
+    let lo = nl.index_of("lo").map_err(|e| e.to_string())?;
+    nl.set_up(lo).map_err(|e| e.to_string())?;
+    let up = pick_uplink(&nl, want).map_err(|e| e.to_string())?;
+    let mac = up.mac.unwrap_or_default();
+    nl.set_up(up.index).map_err(|e| e.to_string())?;
+    tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), "uplink up, starting DHCP");
+    let lease = dhcp::acquire(&up.name, mac, hostname, 6).map_err(|e| e.to_string())?;
+    nl.add_address(up.index, IpAddr::V4(lease.address), lease.prefix)
+        .map_err(|e| e.to_string())?;
+    if let Some(gw) = lease.router {
+        nl.add_default_route(gw).map_err(|e| e.to_string())?;
+    }
+    write_resolv_conf(&lease.dns, lease.domain.as_deref()).map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
+    tracing::info!(
+        iface = %up.name,
+        address = %format!("{}/{}", lease.address, lease.prefix),
+        gateway = ?lease.router,
+        dns = ?lease.dns,
+        server = %lease.server,
+        lease_s = lease.lease_secs,
+        "DHCP lease applied"
+    );
+    Ok(NodeNet {
+        iface: up.name,
+        mac,
+        lease,
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The resolv.conf text for these servers.
+pub fn resolv_conf_text(dns: &[Ipv4Addr], domain: Option<&str>) -> String {
+    let mut s = String::from("# written by cairn-init from DHCP\n");
+    if let Some(d) = domain.filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_graphic())) {
+        s.push_str(&format!("search {d}\n"));
+    }
+    for d in dns.iter().take(3) {
+        s.push_str(&format!("nameserver {d}\n"));
+    }
+    s.push_str("options timeout:2 attempts:2\n");
+    s
+}
+
+fn write_resolv_conf(dns: &[Ipv4Addr], domain: Option<&str>) -> std::io::Result<()> {
+    std::fs::create_dir_all("/etc")?;
+    std::fs::write("/etc/resolv.conf.tmp", resolv_conf_text(dns, domain))?;
+    std::fs::rename("/etc/resolv.conf.tmp", "/etc/resolv.conf")
+}
+
+/// Name of the workload bridge.
+pub const BRIDGE: &str = "cairn0";
+
+/// One bridge and one address plan for every workload.
+pub struct WorkloadNet {
+    nl: Netlink,
+    bridge: u32,
+    network: Ipv4Addr,
+    prefix: u8,
+    /// Stable per name for the life of the node, so restarts keep addresses.
+    by_name: BTreeMap<String, (Ipv4Addr, u32)>,
+    next_slot: u32,
+}
+
+impl WorkloadNet {
+    /// Creates the bridge with the first address of `subnet`, enables forwarding.
+    pub fn new(subnet: &str) -> Result<WorkloadNet, String> {
+        let (net, prefix) =
+            cairn_manifest::parse_ipv4_cidr(subnet).ok_or_else(|| format!("bad workload subnet {subnet:?}"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        let network = Ipv4Addr::from(u32::from(net) & mask);
+        let nl = Netlink::new().map_err(|e| e.to_string())?;
+        let bridge = nl.ensure_bridge(BRIDGE).map_err(|e| e.to_string())?;
+        let gw = Ipv4Addr::from(u32::from(network) + 1);
+        nl.add_address(bridge, IpAddr::V4(gw), prefix).map_err(|e| e.to_string())?;
+        nl.set_up(bridge).map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+            tracing::warn!(error = %e, "could not enable IPv4 forwarding");
+        }
+        tracing::info!(bridge = BRIDGE, gateway = %gw, prefix, "workload network up");
+        Ok(WorkloadNet {
+            nl,
+            bridge,
+            network,
+            prefix,
+            by_name: BTreeMap::new(),
+            next_slot: 2,
+        })
+    }
+
+    /// Prefix length of the workload subnet.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The gateway address workloads use.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// The address reserved for `name` (allocated on first use).
+    pub fn address_of(&mut self, name: &str) -> Result<(Ipv4Addr, u32), String> {
+        if let Some(a) = self.by_name.get(name) {
+            return Ok(*a);
+        }
+        let size = 1u32 << (32 - u32::from(self.prefix));
+        if self.next_slot >= size - 1 {
+            return Err(format!("workload subnet /{} is full", self.prefix));
+        }
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let a = (Ipv4Addr::from(u32::from(self.network) + slot), slot);
+        self.by_name.insert(name.to_string(), a);
+        Ok(a)
+    }
+
+    /// Creates the veth pair for `name`, attaches the host end to the bridge
+    /// and moves the peer into the netns of `pid`.
+    pub fn attach(&mut self, name: &str, pid: u32) -> Result<(), String> {
+        let (address, slot) = self.address_of(name)?;
+        let host = format!("vh{slot}");
+        let peer = format!("vp{slot}");
+        let (hi, pi) = self.nl.create_veth(&host, &peer).map_err(|e| e.to_string())?;
+        self.nl.set_master_up(hi, self.bridge).map_err(|e| e.to_string())?;
+        self.nl.move_to_pid_netns(pi, pid).map_err(|e| e.to_string())?;
+        tracing::debug!(workload = name, %address, host, peer, "veth attached");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_keeps_three_servers_and_drops_bad_domains() {
+        let dns: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+        let t = resolv_conf_text(&dns, Some("lab.example"));
+        assert!(t.contains("search lab.example\n"));
+        assert_eq!(t.matches("nameserver").count(), 3);
+        let t = resolv_conf_text(&dns[..1], Some("evil\nnameserver 6.6.6.6"));
+        assert!(!t.contains("6.6.6.6"), "{t}");
+    }
+}

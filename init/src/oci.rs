@@ -1,0 +1,491 @@
+//! Pulling an image by digest with the OCI distribution API, and unpacking
+//! its layers for overlayfs.
+//!
+//! Every byte is checked: the manifest against the digest the signed
+//! manifest names, each blob against the digest the image manifest names
+//! (hashed while it streams to disk). Layers are stored content-addressed
+//! under the store root and unpacked once; a layer already present is not
+//! fetched again.
+
+use cairn_manifest::ImageRef;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Why a pull failed; each names the step and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// No connection.
+    #[error("registry {registry} unreachable: {reason}")]
+    Unreachable {
+        /// Registry.
+        registry: String,
+        /// Transport error.
+        reason: String,
+    },
+    /// 404.
+    #[error("{what} not found in registry ({url})")]
+    NotFound {
+        /// Object.
+        what: String,
+        /// URL.
+        url: String,
+    },
+    /// Other HTTP status.
+    #[error("registry answered HTTP {status} for {url}")]
+    Http {
+        /// Status.
+        status: u16,
+        /// URL.
+        url: String,
+    },
+    /// Content does not match its digest.
+    #[error("digest mismatch for {what}: expected {expected}, got {got}")]
+    DigestMismatch {
+        /// Object.
+        what: String,
+        /// Expected digest.
+        expected: String,
+        /// Computed digest.
+        got: String,
+    },
+    /// A manifest or config we cannot use.
+    #[error("unusable image: {0}")]
+    BadImage(String),
+    /// HTTPS is not in this build yet.
+    #[error("registry {0} needs HTTPS, which this build does not speak yet; set insecure = true only for a registry on a trusted network")]
+    NoTls(String),
+    /// Local I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PullError {
+    let what = what.into();
+    move |source| PullError::Io { what, source }
+}
+
+/// The parts of the image config a runtime needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Cmd.
+    pub cmd: Vec<String>,
+    /// `NAME=value` list.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub workdir: String,
+    /// `uid[:gid]` or a name.
+    pub user: String,
+}
+
+/// A pulled, unpacked image.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// Unpacked layer directories, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// Runtime config.
+    pub config: ImageConfig,
+    /// Layers fetched from the registry in this pull (0 when all were cached).
+    pub fetched_layers: usize,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct ManifestDoc {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ConfigDoc {
+    config: Option<RuntimeConfigDoc>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RuntimeConfigDoc {
+    #[serde(rename = "Entrypoint")]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd")]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "Env")]
+    env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir")]
+    workdir: Option<String>,
+    #[serde(rename = "User")]
+    user: Option<String>,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+struct Registry<'a> {
+    agent: ureq::Agent,
+    base: String,
+    image: &'a ImageRef,
+}
+
+impl Registry<'_> {
+    fn get(&self, path: &str, accept: &str, what: &str) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+        let url = format!("{}/v2/{}/{}", self.base, self.image.repository, path);
+        let resp = self
+            .agent
+            .get(&url)
+            .header("Accept", accept)
+            .call()
+            .map_err(|e| PullError::Unreachable {
+                registry: self.image.registry.clone(),
+                reason: e.to_string(),
+            })?;
+        match resp.status().as_u16() {
+            200 => Ok(resp),
+            404 => Err(PullError::NotFound { what: what.into(), url }),
+            status => Err(PullError::Http { status, url }),
+        }
+    }
+
+    fn manifest(&self, digest: &str) -> Result<ManifestDoc, PullError> {
+        let accept = [MT_OCI_MANIFEST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_DOCKER_LIST].join(", ");
+        let what = format!("manifest {}@{digest}", self.image.repository);
+        let mut resp = self.get(&format!("manifests/{digest}"), &accept, &what)?;
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(4 << 20)
+            .read_to_vec()
+            .map_err(|e| PullError::BadImage(format!("reading {what}: {e}")))?;
+        check_digest(&what, digest, &format!("sha256:{}", sha256_hex(&body)))?;
+        serde_json::from_slice(&body).map_err(|e| PullError::BadImage(format!("{what} is not JSON: {e}")))
+    }
+}
+
+fn check_digest(what: &str, expected: &str, got: &str) -> Result<(), PullError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(PullError::DigestMismatch {
+            what: what.into(),
+            expected: expected.into(),
+            got: got.into(),
+        })
+    }
+}
+
+/// The content store.
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// A store rooted at `root` (created on demand).
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+    }
+
+    fn layer_path(&self, digest: &str) -> PathBuf {
+        self.root.join("layers").join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// Pulls `image` (by digest) and unpacks its layers.
+    pub fn pull(&self, image: &ImageRef) -> Result<PulledImage, PullError> {
+        if !image.insecure {
+            return Err(PullError::NoTls(image.registry.clone()));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let reg = Registry {
+            agent,
+            base: format!("http://{}", image.registry),
+            image,
+        };
+        let mut doc = reg.manifest(&image.digest)?;
+        if doc.media_type == MT_OCI_INDEX || doc.media_type == MT_DOCKER_LIST || !doc.manifests.is_empty() {
+            let pick = doc
+                .manifests
+                .iter()
+                .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+                .ok_or_else(|| PullError::BadImage("image index has no linux/amd64 manifest".into()))?;
+            let digest = pick.digest.clone();
+            doc = reg.manifest(&digest)?;
+        }
+        let config_desc = doc
+            .config
+            .as_ref()
+            .ok_or_else(|| PullError::BadImage("image manifest has no config".into()))?;
+        let config_bytes = self.fetch_blob(&reg, config_desc, "image config")?;
+        let config = parse_config(&config_bytes)?;
+        let mut layers = Vec::new();
+        let mut fetched = 0;
+        for (i, l) in doc.layers.iter().enumerate() {
+            let dir = self.layer_path(&l.digest);
+            if !dir.join(".cairn-done").exists() {
+                let blob = self.blob_path(&l.digest);
+                if !blob.exists() {
+                    self.download(&reg, l, &format!("layer {i}"))?;
+                    fetched += 1;
+                }
+                unpack_layer(&blob, &l.media_type, &dir)?;
+            }
+            layers.push(dir);
+        }
+        Ok(PulledImage {
+            layers,
+            config,
+            fetched_layers: fetched,
+        })
+    }
+
+    fn fetch_blob(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<Vec<u8>, PullError> {
+        let path = self.blob_path(&d.digest);
+        if !path.exists() {
+            self.download(reg, d, what)?;
+        }
+        std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))
+    }
+
+    /// Streams a blob to disk while hashing it; only a verified blob gets its
+    /// final name.
+    fn download(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<(), PullError> {
+        if !cairn_manifest::is_sha256_digest(&d.digest) {
+            return Err(PullError::BadImage(format!("{what} has unsupported digest {:?}", d.digest)));
+        }
+        let path = self.blob_path(&d.digest);
+        let dir = path.parent().expect("blob path has a parent");
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let tmp = path.with_extension("partial");
+        let mut resp = reg.get(&format!("blobs/{}", d.digest), "*/*", what)?;
+        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        let mut file = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(io_err(format!("downloading {what}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(io_err(format!("writing {}", tmp.display())))?;
+            total += n as u64;
+        }
+        let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if let Err(e) = check_digest(what, &d.digest, &got) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if d.size != 0 && d.size != total {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(PullError::BadImage(format!("{what}: size {total} but the manifest says {}", d.size)));
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        tracing::info!(what, digest = %d.digest, bytes = total, "blob fetched and verified");
+        Ok(())
+    }
+}
+
+fn parse_config(bytes: &[u8]) -> Result<ImageConfig, PullError> {
+    let doc: ConfigDoc =
+        serde_json::from_slice(bytes).map_err(|e| PullError::BadImage(format!("image config is not JSON: {e}")))?;
+    let c = doc.config.unwrap_or_default();
+    Ok(ImageConfig {
+        entrypoint: c.entrypoint.unwrap_or_default(),
+        cmd: c.cmd.unwrap_or_default(),
+        env: c.env.unwrap_or_default(),
+        workdir: c.workdir.filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+        user: c.user.unwrap_or_default(),
+    })
+}
+
+/// Unpacks a layer blob into `dest` (via a temporary directory, so a
+/// half-unpacked layer is never used), translating OCI whiteouts into
+/// overlayfs ones.
+pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), PullError> {
+    let file = std::fs::File::open(blob).map_err(io_err(format!("opening {}", blob.display())))?;
+    let reader: Box<dyn Read> = if media_type.ends_with("gzip") {
+        Box::new(flate2::read::GzDecoder::new(io::BufReader::new(file)))
+    } else if media_type.ends_with("zstd") {
+        return Err(PullError::BadImage(format!("zstd layers are not supported yet ({media_type})")));
+    } else {
+        Box::new(io::BufReader::new(file))
+    };
+    let tmp = dest.with_extension("unpacking");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    let entries = archive.entries().map_err(io_err("reading layer"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(io_err("reading layer entry"))?;
+        let path = entry.path().map_err(io_err("layer entry path"))?.into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let parent = safe_join(&tmp, path.parent().unwrap_or(Path::new("")))?;
+            std::fs::create_dir_all(&parent).map_err(io_err("creating whiteout parent"))?;
+            if hidden == ".wh..opq" {
+                set_opaque(&parent)?;
+            } else {
+                make_whiteout(&parent.join(hidden))?;
+            }
+            continue;
+        }
+        let ok = entry
+            .unpack_in(&tmp)
+            .map_err(io_err(format!("unpacking {}", path.display())))?;
+        if !ok {
+            return Err(PullError::BadImage(format!(
+                "layer entry {} would land outside the layer root; refused",
+                path.display()
+            )));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::rename(&tmp, dest).map_err(io_err(format!("renaming to {}", dest.display())))?;
+    std::fs::write(dest.join(".cairn-done"), b"").map_err(io_err("marking layer"))?;
+    Ok(())
+}
+
+fn safe_join(root: &Path, rel: &Path) -> Result<PathBuf, PullError> {
+    use std::path::Component;
+    let mut out = root.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => {
+                return Err(PullError::BadImage(format!(
+                    "layer path {} would land outside the layer root; refused",
+                    rel.display()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn make_whiteout(path: &Path) -> Result<(), PullError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| PullError::BadImage("NUL in whiteout path".into()))?;
+    // SAFETY: valid C string; mknod of a 0:0 char device is overlayfs's whiteout.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) };
+    if rc != 0 {
+        return Err(PullError::Io {
+            what: format!("whiteout {}", path.display()),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn set_opaque(dir: &Path) -> Result<(), PullError> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| PullError::BadImage("NUL in opaque dir path".into()))?;
+    // SAFETY: valid C strings and a 1-byte value buffer.
+    let rc = unsafe {
+        libc::setxattr(c.as_ptr(), c"trusted.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0)
+    };
+    if rc != 0 {
+        return Err(PullError::Io {
+            what: format!("marking {} opaque", dir.display()),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults() {
+        let c = parse_config(br#"{"config":{"Entrypoint":["/hello"],"Env":["A=1"]}}"#).unwrap();
+        assert_eq!(c.entrypoint, vec!["/hello"]);
+        assert_eq!(c.workdir, "/");
+        assert!(parse_config(b"nope").is_err());
+    }
+
+    #[test]
+    fn unpack_refuses_escapes_and_applies_whiteouts() {
+        let dir = std::env::temp_dir().join(format!("cairn-unpack-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mk = |entries: &[(&str, &[u8])]| {
+            let mut b = tar::Builder::new(Vec::new());
+            for (name, data) in entries {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                // Write the raw name so `..` is not rejected by the builder.
+                let bytes = name.as_bytes();
+                h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+                h.set_cksum();
+                b.append(&h, *data).unwrap();
+            }
+            b.into_inner().unwrap()
+        };
+        let good = dir.join("good.tar");
+        std::fs::write(&good, mk(&[("etc/motd", b"hi"), ("etc/.wh.gone", b"")])).unwrap();
+        let out = dir.join("layer-good");
+        unpack_layer(&good, "application/vnd.oci.image.layer.v1.tar", &out).unwrap();
+        assert_eq!(std::fs::read(out.join("etc/motd")).unwrap(), b"hi");
+        assert!(out.join(".cairn-done").exists());
+        let bad = dir.join("bad.tar");
+        std::fs::write(&bad, mk(&[("../escape", b"x")])).unwrap();
+        let out = dir.join("layer-bad");
+        // Either refused outright or skipped by tar: never written outside.
+        let r = unpack_layer(&bad, "application/vnd.oci.image.layer.v1.tar", &out);
+        assert!(r.is_err(), "a path with .. must be refused");
+        assert!(!dir.join("escape").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,754 @@
+//! The agent: boots the node (network, trust), then runs the reconcile loop
+//! that converges running workloads to the last applied manifest.
+//!
+//! Everything arrives as an [`Event`] on one channel — child exits from the
+//! PID-1 reaper, manifests from the hub poller, finished image pulls from
+//! worker threads — so the state lives in one thread with no locks. A panic
+//! in the loop is caught, logged, and the loop restarts from the hub's
+//! manifest; PID 1 itself never goes down with it.
+
+use crate::cmdline::Config;
+use crate::container::{self, Container};
+use crate::net::{self, proxy::Proxies, NodeNet, WorkloadNet};
+use crate::workload::Workload;
+use crate::{hub, pid1, timeline};
+use cairn_manifest::{verify, Applied, Decision, Manifest, RestartPolicy, TrustStore};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Everything the agent reacts to.
+pub enum Event {
+    /// A child of PID 1 ended (raw wait status).
+    Exited {
+        /// Pid.
+        pid: i32,
+        /// wait(2) status.
+        status: i32,
+    },
+    /// Stop everything; PID 1 halts when we are done.
+    Shutdown,
+    /// The hub poller's latest result.
+    Fetched(Result<Vec<u8>, String>),
+    /// A workload's preparation finished.
+    Prepared {
+        /// Workload.
+        name: String,
+        /// Slot generation it was started for.
+        gen: u64,
+        /// Summary or error.
+        result: Result<String, String>,
+    },
+    /// A workload accepted its first TCP connection on a published port.
+    Answering {
+        /// Workload.
+        name: String,
+        /// Slot generation.
+        gen: u64,
+    },
+}
+
+const TRUST_DIR: &str = "/etc/cairn/keys";
+const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Never let the clock go below `floor` (unauthenticated time sources and
+/// dead RTC batteries must not make expired manifests look fresh... or
+/// fresh ones expired).
+fn clock_floor(floor: u64, why: &str) {
+    if now_unix() < floor {
+        let tv = libc::timeval {
+            tv_sec: floor as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: valid timeval pointer; null timezone is allowed.
+        let rc = unsafe { libc::settimeofday(&tv, std::ptr::null()) };
+        tracing::warn!(floor, why, ok = rc == 0, "clock was below its floor; raised");
+    }
+}
+
+fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
+    let (all, errs) = TrustStore::load_dir(std::path::Path::new(TRUST_DIR));
+    let mut errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let mut store = all.clone();
+    if !cfg.trust.is_empty() {
+        let (sel, unknown) = all.select(&cfg.trust);
+        for u in &unknown {
+            errors.push(format!("cairn.trust={u}: not a baked-in key; ignored (the command line cannot add trust)"));
+        }
+        if sel.is_empty() {
+            errors.push("cairn.trust selected no baked-in key; using all baked-in keys".into());
+        } else {
+            store = sel;
+        }
+    }
+    for e in &errors {
+        tracing::error!("{e}");
+    }
+    if store.is_empty() {
+        tracing::error!("no trusted keys: every manifest will be refused");
+    }
+    let ids: Vec<String> = store.ids().iter().map(|k| k.0.clone()).collect();
+    tracing::info!(keys = ?ids, "trusted manifest keys");
+    (store, errors)
+}
+
+/// State that survives a restart of the reconcile loop.
+struct Boot {
+    node: String,
+    hub: Option<String>,
+    uplink: NodeNet,
+    trust: TrustStore,
+    trust_errors: Vec<String>,
+    cmdline_errors: Vec<String>,
+    status_tx: Sender<Value>,
+    boot_id: String,
+    net: Option<WorkloadNet>,
+    proxies: Proxies,
+}
+
+/// The agent thread's body; never returns.
+pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>, tx: Sender<Event>) {
+    if let Ok(text) = std::fs::read_to_string(BUILD_EPOCH) {
+        if let Ok(epoch) = text.trim().parse::<u64>() {
+            clock_floor(epoch, "image build time");
+        }
+    }
+    let (trust, trust_errors) = load_trust(&cfg);
+    let hostname = cfg.node.clone().unwrap_or_else(|| "cairn".into());
+    let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname);
+    let addr = format!("{}/{}", uplink.lease.address, uplink.lease.prefix);
+    timeline::mark("address", &format!("{} has {addr}", uplink.iface));
+    let node = cfg
+        .node
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", uplink.mac.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    tracing::info!(node = %node, "node id");
+    let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
+    match cfg.hub.clone() {
+        Some(hub) => {
+            spawn_poller(hub.clone(), node.clone(), cfg.poll, tx.clone());
+            spawn_status_sender(hub, node.clone(), status_rx);
+        }
+        None => tracing::error!("no cairn.hub= on the kernel command line: this node cannot get a manifest"),
+    }
+    container::init_cgroups();
+    let mut boot = Boot {
+        node,
+        hub: cfg.hub.clone(),
+        uplink,
+        trust,
+        trust_errors,
+        cmdline_errors,
+        status_tx,
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        net: None,
+        proxies: Proxies::default(),
+    };
+    loop {
+        let r = catch_unwind(AssertUnwindSafe(|| Supervisor::new(&mut boot, tx.clone()).run(&rx)));
+        if let Err(p) = r {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            tracing::error!(panic = %msg, "reconcile loop panicked; restarting it (workloads will be restarted)");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+fn spawn_poller(hub: String, node: String, poll: Duration, tx: Sender<Event>) {
+    let _ = std::thread::Builder::new().name("hub-poll".into()).spawn(move || {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let r = hub::fetch_manifest(&hub, &node);
+            let wait = match &r {
+                Ok(_) => {
+                    backoff = Duration::from_secs(1);
+                    poll
+                }
+                Err(e) => {
+                    let w = backoff.min(Duration::from_secs(30));
+                    tracing::warn!(retry_s = w.as_secs(), "{e}; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    w
+                }
+            };
+            if tx.send(Event::Fetched(r)).is_err() {
+                return;
+            }
+            std::thread::sleep(wait);
+        }
+    });
+}
+
+fn spawn_status_sender(hub: String, node: String, rx: Receiver<Value>) {
+    let _ = std::thread::Builder::new().name("hub-status".into()).spawn(move || {
+        let mut latest: Option<Value> = None;
+        let mut sent = true;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(v) => {
+                    latest = Some(v);
+                    sent = false;
+                    // Coalesce a burst of updates into one report.
+                    while let Ok(v) = rx.try_recv() {
+                        latest = Some(v);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => sent = false, // heartbeat
+                Err(RecvTimeoutError::Disconnected) => {}
+            }
+            if let (false, Some(v)) = (sent, &latest) {
+                match hub::post_status(&hub, &node, v) {
+                    Ok(()) => sent = true,
+                    Err(e) => tracing::debug!("{e}"),
+                }
+            }
+        }
+    });
+}
+
+#[derive(Debug)]
+enum State {
+    Preparing,
+    Running { pid: u32, since: Instant },
+    Backoff { until: Instant },
+    Stopping { pid: u32, deadline: Instant, killed: bool },
+    Exited,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Preparing => "preparing",
+            State::Running { .. } => "running",
+            State::Backoff { .. } => "backoff",
+            State::Stopping { .. } => "stopping",
+            State::Exited => "exited",
+        }
+    }
+}
+
+struct Slot {
+    w: Arc<dyn Workload>,
+    gen: u64,
+    state: State,
+    prepared: bool,
+    restarts: u32,
+    consecutive_failures: u32,
+    last_exit: Option<String>,
+    error: Option<String>,
+    address: Option<Ipv4Addr>,
+    remove: bool,
+    replacement: Option<Arc<dyn Workload>>,
+    answering: bool,
+}
+
+struct Supervisor<'a> {
+    boot: &'a mut Boot,
+    tx: Sender<Event>,
+    applied: Option<Applied>,
+    manifest: Option<Manifest>,
+    manifest_state: &'static str,
+    manifest_error: Option<(String, String)>,
+    hub_error: Option<String>,
+    last_seen: Option<String>,
+    slots: BTreeMap<String, Slot>,
+    unsupported: Vec<(String, &'static str)>,
+    next_gen: u64,
+    shutting_down: bool,
+}
+
+fn describe_exit(status: i32) -> (String, bool) {
+    if libc::WIFEXITED(status) {
+        let code = libc::WEXITSTATUS(status);
+        (format!("exited with status {code}"), code == 0)
+    } else if libc::WIFSIGNALED(status) {
+        (format!("killed by signal {}", libc::WTERMSIG(status)), false)
+    } else {
+        (format!("ended (wait status {status:#x})"), false)
+    }
+}
+
+fn restart_delay(consecutive: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << consecutive.saturating_sub(1).min(10));
+    Duration::from_millis(ms.min(30_000))
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(boot: &'a mut Boot, tx: Sender<Event>) -> Supervisor<'a> {
+        // A previous loop may have died with workloads running: start clean.
+        if let Ok(entries) = std::fs::read_dir(container::CGROUP_ROOT) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    container::kill_cgroup(&e.file_name().to_string_lossy());
+                }
+            }
+        }
+        Supervisor {
+            boot,
+            tx,
+            applied: None,
+            manifest: None,
+            manifest_state: "none",
+            manifest_error: None,
+            hub_error: None,
+            last_seen: None,
+            slots: BTreeMap::new(),
+            unsupported: Vec::new(),
+            next_gen: 1,
+            shutting_down: false,
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Event>) {
+        self.push_status();
+        loop {
+            let wait = self.next_deadline().unwrap_or(Duration::from_secs(5));
+            let changed = match rx.recv_timeout(wait) {
+                Ok(ev) => self.handle(ev),
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let ticked = self.tick();
+            if changed || ticked {
+                self.push_status();
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.slots
+            .values()
+            .filter_map(|s| match s.state {
+                State::Backoff { until } => Some(until),
+                State::Stopping { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    fn handle(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Fetched(Ok(bytes)) => {
+                self.hub_error = None;
+                self.consider_manifest(&bytes)
+            }
+            Event::Fetched(Err(e)) => {
+                let changed = self.hub_error.as_deref() != Some(e.as_str());
+                self.hub_error = Some(e);
+                changed
+            }
+            Event::Exited { pid, status } => self.on_exit(pid, status),
+            Event::Prepared { name, gen, result } => self.on_prepared(&name, gen, result),
+            Event::Answering { name, gen } => {
+                if let Some(s) = self.slots.get_mut(&name).filter(|s| s.gen == gen) {
+                    s.answering = true;
+                    timeline::mark("workload-answering", &format!("{name} accepts connections"));
+                }
+                true
+            }
+            Event::Shutdown => {
+                self.shutting_down = true;
+                let names: Vec<String> = self.slots.keys().cloned().collect();
+                for n in names {
+                    self.stop(&n, true, None);
+                }
+                true
+            }
+        }
+    }
+
+    fn consider_manifest(&mut self, bytes: &[u8]) -> bool {
+        let sha = hex::encode(Sha256::digest(bytes));
+        if self.last_seen.as_deref() == Some(sha.as_str()) {
+            return false;
+        }
+        self.last_seen = Some(sha);
+        match verify(bytes, &self.boot.trust, &self.boot.node, now_unix(), self.applied.as_ref()) {
+            Ok((Decision::Apply(m), applied)) => {
+                timeline::mark("manifest-verified", &format!("manifest version {} verified", m.version));
+                tracing::info!(version = m.version, "applying manifest");
+                clock_floor(m.issued_at, "manifest issue time");
+                self.applied = Some(applied);
+                self.manifest_state = "applied";
+                self.manifest_error = None;
+                self.apply(*m);
+            }
+            Ok((Decision::Unchanged, _)) => {
+                tracing::debug!("manifest unchanged");
+            }
+            Err(rej) => {
+                tracing::error!(code = rej.code(), "manifest rejected: {rej}; running workloads untouched");
+                self.manifest_state = "rejected";
+                self.manifest_error = Some((rej.code().to_string(), rej.to_string()));
+            }
+        }
+        true
+    }
+
+    fn apply(&mut self, m: Manifest) {
+        if self.boot.net.is_none() {
+            match WorkloadNet::new(&m.network.workload_subnet) {
+                Ok(n) => self.boot.net = Some(n),
+                Err(e) => tracing::error!(error = %e, "workload network could not be created"),
+            }
+        }
+        self.unsupported = m
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), "vm"))
+            .chain(m.functions.iter().map(|f| (f.name.clone(), "function")))
+            .collect();
+        for (name, kind) in &self.unsupported {
+            tracing::error!(workload = %name, kind, "{kind} workloads are not supported by this build yet");
+        }
+        let desired: Vec<Arc<dyn Workload>> = m
+            .containers
+            .iter()
+            .map(|c| Arc::new(Container::new(c.clone())) as Arc<dyn Workload>)
+            .collect();
+        let gone: Vec<String> = self
+            .slots
+            .keys()
+            .filter(|n| !desired.iter().any(|w| w.name() == n.as_str()))
+            .cloned()
+            .collect();
+        for n in gone {
+            tracing::info!(workload = %n, "removed from the manifest: stopping");
+            self.stop(&n, true, None);
+        }
+        for w in &desired {
+            match self.slots.get(w.name()) {
+                Some(s) if s.w.fingerprint() == w.fingerprint() => {}
+                Some(_) => {
+                    tracing::info!(workload = %w.name(), "definition changed: replacing");
+                    self.stop(w.name(), false, Some(w.clone()));
+                }
+                None => self.add(w.clone()),
+            }
+        }
+        self.publish_ports(&desired);
+        self.manifest = Some(m);
+    }
+
+    fn publish_ports(&mut self, desired: &[Arc<dyn Workload>]) {
+        let Some(net) = self.boot.net.as_mut() else { return };
+        let mut keep = Vec::new();
+        for w in desired {
+            for p in w.ports() {
+                if p.protocol != "tcp" {
+                    tracing::error!(workload = %w.name(), port = p.host, "udp publishing is not supported by this build yet");
+                    continue;
+                }
+                let addr = match net.address_of(w.name()) {
+                    Ok((a, _)) => a,
+                    Err(e) => {
+                        tracing::error!(workload = %w.name(), error = %e, "no address");
+                        continue;
+                    }
+                };
+                match self.boot.proxies.ensure(p.host, SocketAddrV4::new(addr, p.container)) {
+                    Ok(()) => keep.push(p.host),
+                    Err(e) => tracing::error!(workload = %w.name(), port = p.host, error = %e, "cannot publish port"),
+                }
+            }
+        }
+        self.boot.proxies.retain(&keep);
+    }
+
+    fn add(&mut self, w: Arc<dyn Workload>) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let name = w.name().to_string();
+        self.slots.insert(
+            name.clone(),
+            Slot {
+                w,
+                gen,
+                state: State::Preparing,
+                prepared: false,
+                restarts: 0,
+                consecutive_failures: 0,
+                last_exit: None,
+                error: None,
+                address: None,
+                remove: false,
+                replacement: None,
+                answering: false,
+            },
+        );
+        self.prepare(&name);
+    }
+
+    fn prepare(&mut self, name: &str) {
+        let Some(s) = self.slots.get_mut(name) else { return };
+        s.state = State::Preparing;
+        let (w, gen, tx) = (s.w.clone(), s.gen, self.tx.clone());
+        let name = name.to_string();
+        let _ = std::thread::Builder::new().name(format!("prep-{name}")).spawn(move || {
+            let result = catch_unwind(AssertUnwindSafe(|| w.prepare()))
+                .unwrap_or_else(|_| Err("preparation panicked (bug); will retry".to_string()));
+            let _ = tx.send(Event::Prepared { name, gen, result });
+        });
+    }
+
+    fn on_prepared(&mut self, name: &str, gen: u64, result: Result<String, String>) -> bool {
+        let Some(s) = self.slots.get_mut(name).filter(|s| s.gen == gen) else { return false };
+        match result {
+            Ok(msg) => {
+                tracing::info!(workload = %name, "{msg}");
+                s.prepared = true;
+                s.error = None;
+                s.consecutive_failures = 0;
+                self.start(name);
+            }
+            Err(e) => {
+                s.consecutive_failures += 1;
+                let delay = Duration::from_secs(1 << s.consecutive_failures.min(6)).min(Duration::from_secs(60));
+                tracing::error!(workload = %name, retry_s = delay.as_secs(), "preparing failed: {e}");
+                s.error = Some(e);
+                s.state = State::Backoff { until: Instant::now() + delay };
+            }
+        }
+        true
+    }
+
+    fn start(&mut self, name: &str) {
+        if self.shutting_down {
+            return;
+        }
+        let Some(s) = self.slots.get_mut(name) else { return };
+        let Some(net) = self.boot.net.as_mut() else {
+            s.error = Some("the workload network is not up".into());
+            s.state = State::Backoff { until: Instant::now() + Duration::from_secs(5) };
+            return;
+        };
+        match s.w.start(net, &self.boot.uplink.lease.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()) {
+            Ok(st) => {
+                tracing::info!(workload = %name, kind = s.w.kind(), pid = st.pid, address = %st.address, "started");
+                timeline::mark("workload-started", &format!("{name} started (pid {})", st.pid));
+                s.state = State::Running { pid: st.pid, since: Instant::now() };
+                s.address = Some(st.address);
+                s.error = None;
+                s.answering = false;
+                if let Some(p) = s.w.ports().into_iter().find(|p| p.protocol == "tcp") {
+                    spawn_answer_probe(name.to_string(), s.gen, SocketAddrV4::new(st.address, p.container), self.tx.clone());
+                }
+            }
+            Err(e) => {
+                s.consecutive_failures += 1;
+                let delay = restart_delay(s.consecutive_failures);
+                tracing::error!(workload = %name, retry_ms = delay.as_millis() as u64, "start failed: {e}");
+                s.error = Some(e);
+                s.state = State::Backoff { until: Instant::now() + delay };
+            }
+        }
+    }
+
+    /// Asks a workload to stop (SIGTERM, then the whole cgroup killed after
+    /// a timeout). With `remove` the slot goes away; with a replacement the
+    /// new definition starts once the old one is gone.
+    fn stop(&mut self, name: &str, remove: bool, replacement: Option<Arc<dyn Workload>>) {
+        let Some(s) = self.slots.get_mut(name) else { return };
+        s.remove = remove;
+        s.replacement = replacement;
+        match s.state {
+            State::Running { pid, .. } => {
+                // SAFETY: signalling a child we started.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                s.state = State::Stopping { pid, deadline: Instant::now() + STOP_TIMEOUT, killed: false };
+            }
+            State::Stopping { .. } => {}
+            _ => self.finish_stop(name),
+        }
+    }
+
+    fn finish_stop(&mut self, name: &str) {
+        let Some(s) = self.slots.get_mut(name) else { return };
+        s.w.kill();
+        if let Some(new) = s.replacement.take() {
+            self.slots.remove(name);
+            self.add(new);
+        } else if s.remove || self.shutting_down {
+            self.slots.remove(name);
+        } else {
+            s.state = State::Exited;
+        }
+    }
+
+    fn on_exit(&mut self, pid: i32, status: i32) -> bool {
+        let pid = pid as u32;
+        let found = self.slots.iter().find_map(|(n, s)| match s.state {
+            State::Running { pid: p, .. } | State::Stopping { pid: p, .. } if p == pid => Some(n.clone()),
+            _ => None,
+        });
+        let Some(name) = found else {
+            tracing::debug!(pid, "reaped an orphan");
+            return false;
+        };
+        let (what, success) = describe_exit(status);
+        let s = self.slots.get_mut(&name).expect("found above");
+        s.last_exit = Some(what.clone());
+        if let State::Stopping { .. } = s.state {
+            tracing::info!(workload = %name, pid, "stopped: {what}");
+            self.finish_stop(&name);
+            return true;
+        }
+        let ran = match s.state {
+            State::Running { since, .. } => since.elapsed(),
+            _ => Duration::ZERO,
+        };
+        // Clean up whatever the workload left behind in its cgroup.
+        s.w.kill();
+        let (policy, max) = s.w.restart_policy();
+        let restart = match policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success && (max == 0 || s.restarts < max),
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            tracing::warn!(workload = %name, pid, "{what}; not restarting (policy {policy:?})");
+            s.state = State::Exited;
+            return true;
+        }
+        s.consecutive_failures = if ran > Duration::from_secs(10) { 1 } else { s.consecutive_failures + 1 };
+        let delay = restart_delay(s.consecutive_failures);
+        s.restarts += 1;
+        tracing::warn!(workload = %name, pid, restarts = s.restarts, delay_ms = delay.as_millis() as u64, "{what}; restarting");
+        s.state = State::Backoff { until: Instant::now() + delay };
+        true
+    }
+
+    fn tick(&mut self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for n in names {
+            let Some(s) = self.slots.get_mut(&n) else { continue };
+            match s.state {
+                State::Backoff { until } if until <= now => {
+                    changed = true;
+                    if s.prepared {
+                        self.start(&n);
+                    } else {
+                        self.prepare(&n);
+                    }
+                }
+                State::Stopping { pid, deadline, killed: false } if deadline <= now => {
+                    tracing::warn!(workload = %n, pid, "did not stop in time: killing its cgroup");
+                    s.w.kill();
+                    s.state = State::Stopping { pid, deadline: now + Duration::from_secs(5), killed: true };
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        if self.shutting_down && !self.slots.values().any(|s| matches!(s.state, State::Running { .. } | State::Stopping { .. })) {
+            pid1::AGENT_STOPPED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        changed
+    }
+
+    fn push_status(&self) {
+        let _ = self.boot.status_tx.send(self.status());
+    }
+
+    fn status(&self) -> Value {
+        let mut workloads: Vec<Value> = self
+            .slots
+            .iter()
+            .map(|(n, s)| {
+                json!({
+                    "name": n,
+                    "kind": s.w.kind(),
+                    "state": s.state.name(),
+                    "pid": match s.state { State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid), _ => None },
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
+                    "error": s.error,
+                    "address": s.address.map(|a| a.to_string()),
+                    "answering": s.answering,
+                })
+            })
+            .collect();
+        for (n, kind) in &self.unsupported {
+            workloads.push(json!({
+                "name": n, "kind": kind, "state": "unsupported",
+                "error": format!("{kind} workloads are not supported by this build yet"),
+            }));
+        }
+        let lease = &self.boot.uplink.lease;
+        json!({
+            "node": self.boot.node,
+            "boot_id": self.boot.boot_id,
+            "uptime_ms": timeline::boot_ms(),
+            "clock": now_unix(),
+            "hub": self.boot.hub,
+            "addresses": [format!("{}/{}", lease.address, lease.prefix)],
+            "interface": self.boot.uplink.iface,
+            "mac": net::fmt_mac(&self.boot.uplink.mac),
+            "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
+            "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).collect::<Vec<_>>(),
+            "manifest": {
+                "applied_version": self.applied.as_ref().map(|a| a.version),
+                "state": self.manifest_state,
+                "error": self.manifest_error.as_ref().map(|e| e.1.clone()),
+                "error_code": self.manifest_error.as_ref().map(|e| e.0.clone()),
+                "hub_error": self.hub_error,
+                "expires_at": self.manifest.as_ref().map(|m| m.expires_at),
+            },
+            "timeline": timeline::phases(),
+            "workloads": workloads,
+        })
+    }
+}
+
+fn spawn_answer_probe(name: String, gen: u64, to: SocketAddrV4, tx: Sender<Event>) {
+    let _ = std::thread::Builder::new().name(format!("probe-{name}")).spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&to.into(), Duration::from_millis(200)).is_ok() {
+                let _ = tx.send(Event::Answering { name, gen });
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_grows_and_caps() {
+        assert_eq!(restart_delay(1), Duration::from_millis(100));
+        assert_eq!(restart_delay(2), Duration::from_millis(200));
+        assert_eq!(restart_delay(4), Duration::from_millis(800));
+        assert_eq!(restart_delay(50), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        assert_eq!(describe_exit(3 << 8), ("exited with status 3".to_string(), false));
+        assert_eq!(describe_exit(0), ("exited with status 0".to_string(), true));
+        assert_eq!(describe_exit(9), ("killed by signal 9".to_string(), false));
+    }
+}

@@ -1,0 +1,36 @@
+//! The one interface the supervisor drives every workload kind through;
+//! it never matches on the kind.
+
+use crate::net::WorkloadNet;
+use cairn_manifest::{PortSpec, RestartPolicy};
+use std::net::Ipv4Addr;
+
+/// A started workload process.
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    /// Top process (what the reaper reports).
+    pub pid: u32,
+    /// Its address on the workload network.
+    pub address: Ipv4Addr,
+}
+
+/// A workload kind (container now; VMs and functions plug in here).
+pub trait Workload: Send + Sync {
+    /// Unique name.
+    fn name(&self) -> &str;
+    /// `container`, `vm`, `function`.
+    fn kind(&self) -> &'static str;
+    /// Equal fingerprints mean an unchanged definition (keep it running).
+    fn fingerprint(&self) -> String;
+    /// Restart policy and `max_restarts`.
+    fn restart_policy(&self) -> (RestartPolicy, u32);
+    /// Published ports.
+    fn ports(&self) -> Vec<PortSpec>;
+    /// Slow, blocking preparation (image pull); runs on a worker thread.
+    /// Returns a one-line summary.
+    fn prepare(&self) -> Result<String, String>;
+    /// Starts the process.
+    fn start(&self, net: &mut WorkloadNet, dns: &[String]) -> Result<Started, String>;
+    /// Kills everything that belongs to it, at once.
+    fn kill(&self);
+}
