@@ -58,8 +58,11 @@ fn err(key: &str, value: &str, reason: &str) -> CmdlineError {
 fn valid_node(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// Parses the command line text. Unknown `cairn.*` keys are errors too
@@ -86,7 +89,11 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                 if valid_node(value) {
                     cfg.node = Some(value.to_string());
                 } else {
-                    errors.push(err(key, value, "node ids are lowercase letters, digits, '-' and '.', at most 63"));
+                    errors.push(err(
+                        key,
+                        value,
+                        "node ids are lowercase letters, digits, '-' and '.', at most 63",
+                    ));
                 }
             }
             "cairn.trust" => {
@@ -135,17 +142,36 @@ mod tests {
 
     #[test]
     fn malformed_values_are_named_and_defaulted() {
-        let (c, e) = parse("cairn.hub=ftp://x cairn.node=Bad_Name cairn.poll=0 cairn.trust=xyz cairn.colour=blue");
+        let (c, e) = parse(
+            "cairn.hub=ftp://x cairn.node=Bad_Name cairn.poll=0 cairn.trust=xyz cairn.colour=blue",
+        );
         assert_eq!(c, Config::default());
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["cairn.hub", "cairn.node", "cairn.poll", "cairn.trust", "cairn.colour"]);
+        assert_eq!(
+            keys,
+            [
+                "cairn.hub",
+                "cairn.node",
+                "cairn.poll",
+                "cairn.trust",
+                "cairn.colour"
+            ]
+        );
         assert!(e[1].to_string().contains("Bad_Name"), "{}", e[1]);
         assert!(e[1].to_string().contains("using the default"));
     }
 
     #[test]
     fn empty_and_garbage_do_not_panic() {
-        for s in ["", "=", "cairn.hub", "cairn.hub=", "cairn.node=", "cairn.trust=,,,", "\u{0}\u{ff}"] {
+        for s in [
+            "",
+            "=",
+            "cairn.hub",
+            "cairn.hub=",
+            "cairn.node=",
+            "cairn.trust=,,,",
+            "\u{0}\u{ff}",
+        ] {
             let _ = parse(s);
         }
     }

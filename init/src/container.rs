@@ -34,7 +34,9 @@ impl Container {
     }
 
     fn dir(&self) -> PathBuf {
-        PathBuf::from(STATE_ROOT).join("containers").join(&self.spec.name)
+        PathBuf::from(STATE_ROOT)
+            .join("containers")
+            .join(&self.spec.name)
     }
 
     fn cgroup(&self) -> PathBuf {
@@ -43,15 +45,26 @@ impl Container {
 
     fn setup_cgroup(&self) -> Result<(), String> {
         let cg = self.cgroup();
-        std::fs::create_dir_all(&cg).map_err(|e| format!("creating cgroup {}: {e}", cg.display()))?;
+        std::fs::create_dir_all(&cg)
+            .map_err(|e| format!("creating cgroup {}: {e}", cg.display()))?;
         let write = |file: &str, value: String| {
             std::fs::write(cg.join(file), &value).map_err(|e| format!("cgroup {file}={value}: {e}"))
         };
-        write("memory.max", self.spec.memory_mib.map_or("max".into(), |m| (m << 20).to_string()))?;
-        write("pids.max", self.spec.pids_max.map_or("max".into(), |p| p.to_string()))?;
+        write(
+            "memory.max",
+            self.spec
+                .memory_mib
+                .map_or("max".into(), |m| (m << 20).to_string()),
+        )?;
+        write(
+            "pids.max",
+            self.spec.pids_max.map_or("max".into(), |p| p.to_string()),
+        )?;
         write(
             "cpu.max",
-            self.spec.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", u64::from(m) * 100)),
+            self.spec.cpu_millis.map_or("max 100000".into(), |m| {
+                format!("{} 100000", u64::from(m) * 100)
+            }),
         )?;
         Ok(())
     }
@@ -62,7 +75,8 @@ pub fn init_cgroups() {
     let _ = std::fs::create_dir_all(CGROUP_ROOT);
     for dir in ["/sys/fs/cgroup", CGROUP_ROOT] {
         for c in ["cpu", "memory", "pids", "io"] {
-            if let Err(e) = std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{c}")) {
+            if let Err(e) = std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{c}"))
+            {
                 tracing::warn!(dir, controller = c, error = %e, "cgroup controller not enabled");
             }
         }
@@ -80,7 +94,12 @@ pub fn kill_cgroup(name: &str) {
 fn argv_for(spec: &ContainerSpec, cfg: &ImageConfig) -> Vec<String> {
     match &spec.command {
         Some(cmd) if !cmd.is_empty() => cmd.clone(),
-        _ => cfg.entrypoint.iter().chain(cfg.cmd.iter()).cloned().collect(),
+        _ => cfg
+            .entrypoint
+            .iter()
+            .chain(cfg.cmd.iter())
+            .cloned()
+            .collect(),
     }
 }
 
@@ -108,16 +127,18 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 fn forward_output(name: String, out: OwnedFd) {
-    let _ = std::thread::Builder::new().name(format!("log-{name}")).spawn(move || {
-        use std::io::BufRead;
-        let reader = std::io::BufReader::new(std::fs::File::from(out));
-        for line in reader.lines() {
-            match line {
-                Ok(l) => tracing::info!(workload = %name, "| {l}"),
-                Err(_) => break,
+    let _ = std::thread::Builder::new()
+        .name(format!("log-{name}"))
+        .spawn(move || {
+            use std::io::BufRead;
+            let reader = std::io::BufReader::new(std::fs::File::from(out));
+            for line in reader.lines() {
+                match line {
+                    Ok(l) => tracing::info!(workload = %name, "| {l}"),
+                    Err(_) => break,
+                }
             }
-        }
-    });
+        });
 }
 
 impl Workload for Container {
@@ -169,12 +190,19 @@ impl Workload for Container {
         }
         let argv = argv_for(&self.spec, &img.config);
         if argv.is_empty() {
-            return Err("no command: the image has no entrypoint/cmd and the manifest gives none".into());
+            return Err(
+                "no command: the image has no entrypoint/cmd and the manifest gives none".into(),
+            );
         }
         let (address, slot) = net.address_of(&self.spec.name)?;
         let spec = ShimSpec {
             name: self.spec.name.clone(),
-            lowerdirs: img.layers.iter().rev().map(|p| p.display().to_string()).collect(),
+            lowerdirs: img
+                .layers
+                .iter()
+                .rev()
+                .map(|p| p.display().to_string())
+                .collect(),
             upper: upper.display().to_string(),
             work: work.display().to_string(),
             rootfs: rootfs.display().to_string(),
@@ -195,8 +223,11 @@ impl Workload for Container {
         let (sync_r, sync_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let out_w2 = out_w.try_clone().map_err(|e| e.to_string())?;
-        std::fs::write(&spec_path, serde_json::to_vec(&spec).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+        std::fs::write(
+            &spec_path,
+            serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
         let sync_fd = sync_r.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg0("cairn-shim")
@@ -215,14 +246,20 @@ impl Workload for Container {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::setsid();
-                let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET | libc::CLONE_NEWPID;
+                let flags = libc::CLONE_NEWNS
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWNET
+                    | libc::CLONE_NEWPID;
                 if libc::unshare(flags) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("starting the container shim: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting the container shim: {e}"))?;
         drop(sync_r);
         let pid = child.id();
         // The Child handle is dropped without waiting: PID 1's reaper owns exits.
@@ -238,7 +275,8 @@ impl Workload for Container {
             .map_err(|e| fail(format!("moving the shim into its cgroup: {e}")))?;
         net.attach(&self.spec.name, pid).map_err(fail)?;
         let mut w = std::fs::File::from(sync_w);
-        w.write_all(b"go").map_err(|e| fail(format!("releasing the shim: {e}")))?;
+        w.write_all(b"go")
+            .map_err(|e| fail(format!("releasing the shim: {e}")))?;
         Ok(Started { pid, address })
     }
 

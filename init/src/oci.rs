@@ -164,7 +164,12 @@ struct Registry<'a> {
 }
 
 impl Registry<'_> {
-    fn get(&self, path: &str, accept: &str, what: &str) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+    fn get(
+        &self,
+        path: &str,
+        accept: &str,
+        what: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
         let url = format!("{}/v2/{}/{}", self.base, self.image.repository, path);
         let resp = self
             .agent
@@ -177,13 +182,22 @@ impl Registry<'_> {
             })?;
         match resp.status().as_u16() {
             200 => Ok(resp),
-            404 => Err(PullError::NotFound { what: what.into(), url }),
+            404 => Err(PullError::NotFound {
+                what: what.into(),
+                url,
+            }),
             status => Err(PullError::Http { status, url }),
         }
     }
 
     fn manifest(&self, digest: &str) -> Result<ManifestDoc, PullError> {
-        let accept = [MT_OCI_MANIFEST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_DOCKER_LIST].join(", ");
+        let accept = [
+            MT_OCI_MANIFEST,
+            MT_DOCKER_MANIFEST,
+            MT_OCI_INDEX,
+            MT_DOCKER_LIST,
+        ]
+        .join(", ");
         let what = format!("manifest {}@{digest}", self.image.repository);
         let mut resp = self.get(&format!("manifests/{digest}"), &accept, &what)?;
         let body = resp
@@ -193,7 +207,8 @@ impl Registry<'_> {
             .read_to_vec()
             .map_err(|e| PullError::BadImage(format!("reading {what}: {e}")))?;
         check_digest(&what, digest, &format!("sha256:{}", sha256_hex(&body)))?;
-        serde_json::from_slice(&body).map_err(|e| PullError::BadImage(format!("{what} is not JSON: {e}")))
+        serde_json::from_slice(&body)
+            .map_err(|e| PullError::BadImage(format!("{what} is not JSON: {e}")))
     }
 }
 
@@ -221,11 +236,15 @@ impl Store {
     }
 
     fn blob_path(&self, digest: &str) -> PathBuf {
-        self.root.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+        self.root
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     fn layer_path(&self, digest: &str) -> PathBuf {
-        self.root.join("layers").join(digest.trim_start_matches("sha256:"))
+        self.root
+            .join("layers")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     /// Pulls `image` (by digest) and unpacks its layers.
@@ -245,12 +264,21 @@ impl Store {
             image,
         };
         let mut doc = reg.manifest(&image.digest)?;
-        if doc.media_type == MT_OCI_INDEX || doc.media_type == MT_DOCKER_LIST || !doc.manifests.is_empty() {
+        if doc.media_type == MT_OCI_INDEX
+            || doc.media_type == MT_DOCKER_LIST
+            || !doc.manifests.is_empty()
+        {
             let pick = doc
                 .manifests
                 .iter()
-                .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
-                .ok_or_else(|| PullError::BadImage("image index has no linux/amd64 manifest".into()))?;
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .ok_or_else(|| {
+                    PullError::BadImage("image index has no linux/amd64 manifest".into())
+                })?;
             let digest = pick.digest.clone();
             doc = reg.manifest(&digest)?;
         }
@@ -293,7 +321,10 @@ impl Store {
     /// final name.
     fn download(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<(), PullError> {
         if !cairn_manifest::is_sha256_digest(&d.digest) {
-            return Err(PullError::BadImage(format!("{what} has unsupported digest {:?}", d.digest)));
+            return Err(PullError::BadImage(format!(
+                "{what} has unsupported digest {:?}",
+                d.digest
+            )));
         }
         let path = self.blob_path(&d.digest);
         let dir = path.parent().expect("blob path has a parent");
@@ -301,17 +332,21 @@ impl Store {
         let tmp = path.with_extension("partial");
         let mut resp = reg.get(&format!("blobs/{}", d.digest), "*/*", what)?;
         let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-        let mut file = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let mut file =
+            std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
-            let n = reader.read(&mut buf).map_err(io_err(format!("downloading {what}")))?;
+            let n = reader
+                .read(&mut buf)
+                .map_err(io_err(format!("downloading {what}")))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(io_err(format!("writing {}", tmp.display())))?;
+            file.write_all(&buf[..n])
+                .map_err(io_err(format!("writing {}", tmp.display())))?;
             total += n as u64;
         }
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
@@ -321,7 +356,10 @@ impl Store {
         }
         if d.size != 0 && d.size != total {
             let _ = std::fs::remove_file(&tmp);
-            return Err(PullError::BadImage(format!("{what}: size {total} but the manifest says {}", d.size)));
+            return Err(PullError::BadImage(format!(
+                "{what}: size {total} but the manifest says {}",
+                d.size
+            )));
         }
         std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
         tracing::info!(what, digest = %d.digest, bytes = total, "blob fetched and verified");
@@ -330,14 +368,17 @@ impl Store {
 }
 
 fn parse_config(bytes: &[u8]) -> Result<ImageConfig, PullError> {
-    let doc: ConfigDoc =
-        serde_json::from_slice(bytes).map_err(|e| PullError::BadImage(format!("image config is not JSON: {e}")))?;
+    let doc: ConfigDoc = serde_json::from_slice(bytes)
+        .map_err(|e| PullError::BadImage(format!("image config is not JSON: {e}")))?;
     let c = doc.config.unwrap_or_default();
     Ok(ImageConfig {
         entrypoint: c.entrypoint.unwrap_or_default(),
         cmd: c.cmd.unwrap_or_default(),
         env: c.env.unwrap_or_default(),
-        workdir: c.workdir.filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+        workdir: c
+            .workdir
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
         user: c.user.unwrap_or_default(),
     })
 }
@@ -350,7 +391,9 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
     let reader: Box<dyn Read> = if media_type.ends_with("gzip") {
         Box::new(flate2::read::GzDecoder::new(io::BufReader::new(file)))
     } else if media_type.ends_with("zstd") {
-        return Err(PullError::BadImage(format!("zstd layers are not supported yet ({media_type})")));
+        return Err(PullError::BadImage(format!(
+            "zstd layers are not supported yet ({media_type})"
+        )));
     } else {
         Box::new(io::BufReader::new(file))
     };
@@ -365,7 +408,10 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
     let entries = archive.entries().map_err(io_err("reading layer"))?;
     for entry in entries {
         let mut entry = entry.map_err(io_err("reading layer entry"))?;
-        let path = entry.path().map_err(io_err("layer entry path"))?.into_owned();
+        let path = entry
+            .path()
+            .map_err(io_err("layer entry path"))?
+            .into_owned();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if let Some(hidden) = name.strip_prefix(".wh.") {
             let parent = safe_join(&tmp, path.parent().unwrap_or(Path::new("")))?;
@@ -430,7 +476,13 @@ fn set_opaque(dir: &Path) -> Result<(), PullError> {
         .map_err(|_| PullError::BadImage("NUL in opaque dir path".into()))?;
     // SAFETY: valid C strings and a 1-byte value buffer.
     let rc = unsafe {
-        libc::setxattr(c.as_ptr(), c"trusted.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0)
+        libc::setxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
     };
     if rc != 0 {
         return Err(PullError::Io {

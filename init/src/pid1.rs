@@ -87,10 +87,16 @@ fn reroot() -> io::Result<()> {
     }
     std::env::set_current_dir("/")?;
     let init = c"/init";
-    let argv: Vec<CString> = std::env::args().filter_map(|a| CString::new(a).ok()).collect();
+    let argv: Vec<CString> = std::env::args()
+        .filter_map(|a| CString::new(a).ok())
+        .collect();
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
-    let env = [c"CAIRN_REROOTED=1".as_ptr(), c"PATH=/sbin:/bin".as_ptr(), std::ptr::null()];
+    let env = [
+        c"CAIRN_REROOTED=1".as_ptr(),
+        c"PATH=/sbin:/bin".as_ptr(),
+        std::ptr::null(),
+    ];
     // SAFETY: argv and env are NUL-terminated arrays of valid C strings that
     // live until execve (which does not return on success).
     unsafe { libc::execve(init.as_ptr(), argv_ptrs.as_ptr(), env.as_ptr()) };
@@ -103,7 +109,10 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_dir() {
         std::fs::create_dir_all(to)?;
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.permissions().mode()))?;
+        std::fs::set_permissions(
+            to,
+            std::fs::Permissions::from_mode(meta.permissions().mode()),
+        )?;
         for e in std::fs::read_dir(from)? {
             let e = e?;
             copy_tree(&e.path(), &to.join(e.file_name()))?;
@@ -133,7 +142,9 @@ pub fn main() -> ! {
         // /proc is not mounted yet, so `cairn.noreroot` cannot be read here;
         // re-rooting is cheap and always safe.
         if let Err(e) = reroot() {
-            eprintln!("cairn-init: re-root failed ({e}); containers will not be able to pivot_root");
+            eprintln!(
+                "cairn-init: re-root failed ({e}); containers will not be able to pivot_root"
+            );
         }
     }
     timeline::init_logging();
@@ -184,14 +195,21 @@ fn reap(tx: &Sender<Event>) {
 fn signal_loop(set: &libc::sigset_t, tx: &Sender<Event>) -> ! {
     let mut shutdown: Option<(bool, Instant)> = None;
     loop {
-        let timeout = libc::timespec { tv_sec: 0, tv_nsec: 200_000_000 };
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
         // SAFETY: `set` is valid; a null siginfo pointer is allowed.
         let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
         match sig {
             libc::SIGCHLD => reap(tx),
             libc::SIGTERM | libc::SIGPWR | libc::SIGUSR2 | libc::SIGINT if shutdown.is_none() => {
                 let poweroff = sig != libc::SIGINT;
-                tracing::warn!(signal = sig, poweroff, "shutdown requested: stopping workloads");
+                tracing::warn!(
+                    signal = sig,
+                    poweroff,
+                    "shutdown requested: stopping workloads"
+                );
                 shutdown = Some((poweroff, Instant::now()));
                 let _ = tx.send(Event::Shutdown);
             }
@@ -212,7 +230,11 @@ fn final_halt(poweroff: bool) -> ! {
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
     tracing::warn!(poweroff, "halting");
-    let cmd = if poweroff { libc::RB_POWER_OFF } else { libc::RB_AUTOBOOT };
+    let cmd = if poweroff {
+        libc::RB_POWER_OFF
+    } else {
+        libc::RB_AUTOBOOT
+    };
     // SAFETY: reboot(2) with a valid command; we are PID 1 with CAP_SYS_BOOT.
     unsafe { libc::reboot(cmd) };
     // Only reached if reboot failed: PID 1 must never exit.

@@ -80,7 +80,8 @@ fn wait_for_go() -> Result<(), String> {
     // SAFETY: PID 1 put the read end of the sync pipe on fd 3 for us.
     let mut f = unsafe { std::fs::File::from_raw_fd(3) };
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(|e| format!("sync pipe: {e}"))?;
+    f.read_to_end(&mut buf)
+        .map_err(|e| format!("sync pipe: {e}"))?;
     if buf != b"go" {
         return Err("PID 1 did not finish setting up the container (sync pipe closed)".into());
     }
@@ -93,9 +94,16 @@ fn setup_network(n: &ShimNet) -> Result<(), String> {
     nl.set_up(lo).map_err(|e| e.to_string())?;
     let idx = nl.index_of(&n.peer).map_err(|e| e.to_string())?;
     nl.rename(idx, "eth0").map_err(|e| e.to_string())?;
-    let addr: Ipv4Addr = n.address.parse().map_err(|_| format!("bad address {}", n.address))?;
-    let gw: Ipv4Addr = n.gateway.parse().map_err(|_| format!("bad gateway {}", n.gateway))?;
-    nl.add_address(idx, IpAddr::V4(addr), n.prefix).map_err(|e| e.to_string())?;
+    let addr: Ipv4Addr = n
+        .address
+        .parse()
+        .map_err(|_| format!("bad address {}", n.address))?;
+    let gw: Ipv4Addr = n
+        .gateway
+        .parse()
+        .map_err(|_| format!("bad gateway {}", n.gateway))?;
+    nl.add_address(idx, IpAddr::V4(addr), n.prefix)
+        .map_err(|e| e.to_string())?;
     nl.set_up(idx).map_err(|e| e.to_string())?;
     nl.add_default_route(gw).map_err(|e| e.to_string())?;
     Ok(())
@@ -104,13 +112,23 @@ fn setup_network(n: &ShimNet) -> Result<(), String> {
 fn write_etc(spec: &ShimSpec) -> Result<(), String> {
     let etc = Path::new(&spec.rootfs).join("etc");
     std::fs::create_dir_all(&etc).map_err(|e| format!("creating /etc: {e}"))?;
-    let addr = spec.net.as_ref().map(|n| n.address.as_str()).unwrap_or("127.0.1.1");
+    let addr = spec
+        .net
+        .as_ref()
+        .map(|n| n.address.as_str())
+        .unwrap_or("127.0.1.1");
     let files = [
         ("hostname", format!("{}\n", spec.name)),
-        ("hosts", format!("127.0.0.1 localhost\n::1 localhost\n{addr} {}\n", spec.name)),
+        (
+            "hosts",
+            format!("127.0.0.1 localhost\n::1 localhost\n{addr} {}\n", spec.name),
+        ),
         (
             "resolv.conf",
-            spec.dns.iter().map(|d| format!("nameserver {d}\n")).collect::<String>(),
+            spec.dns
+                .iter()
+                .map(|d| format!("nameserver {d}\n"))
+                .collect::<String>(),
         ),
     ];
     for (name, text) in files {
@@ -126,30 +144,60 @@ fn setup_mounts(spec: &ShimSpec) -> Result<(), String> {
     // Nothing we mount may propagate back to the host.
     s.mount("none", "/", "", flags::REC | flags::PRIVATE, None)
         .map_err(|e| format!("making / private: {e}"))?;
-    let opts = format!("lowerdir={},upperdir={},workdir={}", spec.lowerdirs.join(":"), spec.upper, spec.work);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        spec.lowerdirs.join(":"),
+        spec.upper,
+        spec.work
+    );
     s.mount("overlay", &spec.rootfs, "overlay", 0, Some(&opts))
         .map_err(|e| format!("mounting the overlay rootfs: {e}"))?;
     write_etc(spec)?;
     let root = Path::new(&spec.rootfs);
     let dev = root.join("dev");
     let dev_s = dev.display().to_string();
-    s.mkdir_all(&dev_s, 0o755).map_err(|e| format!("mkdir /dev: {e}"))?;
-    s.mount("tmpfs", &dev_s, "tmpfs", flags::NOSUID, Some("mode=755,size=65536k"))
-        .map_err(|e| format!("mounting /dev: {e}"))?;
+    s.mkdir_all(&dev_s, 0o755)
+        .map_err(|e| format!("mkdir /dev: {e}"))?;
+    s.mount(
+        "tmpfs",
+        &dev_s,
+        "tmpfs",
+        flags::NOSUID,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| format!("mounting /dev: {e}"))?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(node);
         std::fs::write(&target, b"").map_err(|e| format!("creating /dev/{node}: {e}"))?;
-        s.mount(&format!("/dev/{node}"), &target.display().to_string(), "", flags::BIND, None)
-            .map_err(|e| format!("binding /dev/{node}: {e}"))?;
+        s.mount(
+            &format!("/dev/{node}"),
+            &target.display().to_string(),
+            "",
+            flags::BIND,
+            None,
+        )
+        .map_err(|e| format!("binding /dev/{node}: {e}"))?;
     }
     let pts = format!("{dev_s}/pts");
     s.mkdir_all(&pts, 0o755).map_err(|e| e.to_string())?;
-    s.mount("devpts", &pts, "devpts", flags::NOSUID | flags::NOEXEC, Some("newinstance,ptmxmode=0666,mode=620"))
-        .map_err(|e| format!("mounting /dev/pts: {e}"))?;
+    s.mount(
+        "devpts",
+        &pts,
+        "devpts",
+        flags::NOSUID | flags::NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )
+    .map_err(|e| format!("mounting /dev/pts: {e}"))?;
     let shm = format!("{dev_s}/shm");
     s.mkdir_all(&shm, 0o1777).map_err(|e| e.to_string())?;
-    s.mount("shm", &shm, "tmpfs", flags::NOSUID | flags::NODEV | flags::NOEXEC, Some("mode=1777,size=65536k"))
-        .map_err(|e| format!("mounting /dev/shm: {e}"))?;
+    s.mount(
+        "shm",
+        &shm,
+        "tmpfs",
+        flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| format!("mounting /dev/shm: {e}"))?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -161,8 +209,14 @@ fn setup_mounts(spec: &ShimSpec) -> Result<(), String> {
     }
     let sys = root.join("sys").display().to_string();
     s.mkdir_all(&sys, 0o555).map_err(|e| e.to_string())?;
-    s.mount("sysfs", &sys, "sysfs", flags::RDONLY | flags::NOSUID | flags::NODEV | flags::NOEXEC, None)
-        .map_err(|e| format!("mounting /sys: {e}"))?;
+    s.mount(
+        "sysfs",
+        &sys,
+        "sysfs",
+        flags::RDONLY | flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        None,
+    )
+    .map_err(|e| format!("mounting /sys: {e}"))?;
     s.mkdir_all(&root.join("proc").display().to_string(), 0o555)
         .map_err(|e| e.to_string())?;
     Ok(())
@@ -193,7 +247,8 @@ const FORWARDED: &[libc::c_int] = &[
 fn run(spec_path: &str) -> Result<i32, String> {
     wait_for_go()?;
     let text = std::fs::read(spec_path).map_err(|e| format!("reading {spec_path}: {e}"))?;
-    let spec: ShimSpec = serde_json::from_slice(&text).map_err(|e| format!("parsing {spec_path}: {e}"))?;
+    let spec: ShimSpec =
+        serde_json::from_slice(&text).map_err(|e| format!("parsing {spec_path}: {e}"))?;
     if let Some(n) = &spec.net {
         setup_network(n)?;
     }
@@ -250,8 +305,14 @@ fn exec_container(spec: &ShimSpec) -> Result<std::convert::Infallible, String> {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     let s = LinuxSys;
     let proc_dir = format!("{}/proc", spec.rootfs);
-    s.mount("proc", &proc_dir, "proc", flags::NOSUID | flags::NODEV | flags::NOEXEC, None)
-        .map_err(|e| format!("mounting /proc: {e}"))?;
+    s.mount(
+        "proc",
+        &proc_dir,
+        "proc",
+        flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        None,
+    )
+    .map_err(|e| format!("mounting /proc: {e}"))?;
     std::env::set_current_dir(&spec.rootfs).map_err(|e| format!("chdir rootfs: {e}"))?;
     // pivot_root(".", ".") stacks the old root on top of the new one; a lazy
     // unmount of "." then drops it.
@@ -267,7 +328,10 @@ fn exec_container(spec: &ShimSpec) -> Result<std::convert::Infallible, String> {
     let (uid, gid) = resolve_user(&spec.user)?;
     // SAFETY: plain credential syscalls; failures are checked.
     unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
             return Err(os("dropping to the image user"));
         }
     }
@@ -309,17 +373,21 @@ fn resolve_user(user: &str) -> Result<(u32, u32), String> {
     if user.is_empty() || user == "root" {
         return Ok((0, 0));
     }
-    let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
+    let (u, g) = user
+        .split_once(':')
+        .map_or((user, None), |(u, g)| (u, Some(g)));
     let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
         let text = std::fs::read_to_string(file).ok()?;
         text.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+            (f.len() >= 4 && f[0] == name)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
         })
     };
     let (uid, mut gid) = match u.parse::<u32>() {
         Ok(n) => (n, n),
-        Err(_) => lookup("/etc/passwd", u).ok_or_else(|| format!("user {u:?} not in the image's /etc/passwd"))?,
+        Err(_) => lookup("/etc/passwd", u)
+            .ok_or_else(|| format!("user {u:?} not in the image's /etc/passwd"))?,
     };
     if let Some(g) = g {
         gid = match g.parse::<u32>() {

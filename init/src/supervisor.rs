@@ -58,7 +58,9 @@ const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Never let the clock go below `floor` (unauthenticated time sources and
@@ -67,12 +69,17 @@ fn now_unix() -> u64 {
 fn clock_floor(floor: u64, why: &str) {
     if now_unix() < floor {
         let tv = libc::timeval {
-            tv_sec: floor as libc::time_t,
+            tv_sec: libc::time_t::try_from(floor).unwrap_or(libc::time_t::MAX),
             tv_usec: 0,
         };
         // SAFETY: valid timeval pointer; null timezone is allowed.
         let rc = unsafe { libc::settimeofday(&tv, std::ptr::null()) };
-        tracing::warn!(floor, why, ok = rc == 0, "clock was below its floor; raised");
+        tracing::warn!(
+            floor,
+            why,
+            ok = rc == 0,
+            "clock was below its floor; raised"
+        );
     }
 }
 
@@ -83,7 +90,9 @@ fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
     if !cfg.trust.is_empty() {
         let (sel, unknown) = all.select(&cfg.trust);
         for u in &unknown {
-            errors.push(format!("cairn.trust={u}: not a baked-in key; ignored (the command line cannot add trust)"));
+            errors.push(format!(
+                "cairn.trust={u}: not a baked-in key; ignored (the command line cannot add trust)"
+            ));
         }
         if sel.is_empty() {
             errors.push("cairn.trust selected no baked-in key; using all baked-in keys".into());
@@ -117,7 +126,12 @@ struct Boot {
 }
 
 /// The agent thread's body; never returns.
-pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>, tx: Sender<Event>) {
+pub fn run_forever(
+    cfg: Config,
+    cmdline_errors: Vec<String>,
+    rx: Receiver<Event>,
+    tx: Sender<Event>,
+) {
     if let Ok(text) = std::fs::read_to_string(BUILD_EPOCH) {
         if let Ok(epoch) = text.trim().parse::<u64>() {
             clock_floor(epoch, "image build time");
@@ -128,10 +142,16 @@ pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>
     let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname);
     let addr = format!("{}/{}", uplink.lease.address, uplink.lease.prefix);
     timeline::mark("address", &format!("{} has {addr}", uplink.iface));
-    let node = cfg
-        .node
-        .clone()
-        .unwrap_or_else(|| format!("node-{}", uplink.mac.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    let node = cfg.node.clone().unwrap_or_else(|| {
+        format!(
+            "node-{}",
+            uplink
+                .mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    });
     tracing::info!(node = %node, "node id");
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
     match cfg.hub.clone() {
@@ -139,7 +159,9 @@ pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>
             spawn_poller(hub.clone(), node.clone(), cfg.poll, tx.clone());
             spawn_status_sender(hub, node.clone(), status_rx);
         }
-        None => tracing::error!("no cairn.hub= on the kernel command line: this node cannot get a manifest"),
+        None => tracing::error!(
+            "no cairn.hub= on the kernel command line: this node cannot get a manifest"
+        ),
     }
     container::init_cgroups();
     let mut boot = Boot {
@@ -157,7 +179,9 @@ pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>
         proxies: Proxies::default(),
     };
     loop {
-        let r = catch_unwind(AssertUnwindSafe(|| Supervisor::new(&mut boot, tx.clone()).run(&rx)));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            Supervisor::new(&mut boot, tx.clone()).run(&rx)
+        }));
         if let Err(p) = r {
             let msg = p
                 .downcast_ref::<String>()
@@ -171,63 +195,76 @@ pub fn run_forever(cfg: Config, cmdline_errors: Vec<String>, rx: Receiver<Event>
 }
 
 fn spawn_poller(hub: String, node: String, poll: Duration, tx: Sender<Event>) {
-    let _ = std::thread::Builder::new().name("hub-poll".into()).spawn(move || {
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            let r = hub::fetch_manifest(&hub, &node);
-            let wait = match &r {
-                Ok(_) => {
-                    backoff = Duration::from_secs(1);
-                    poll
+    let _ = std::thread::Builder::new()
+        .name("hub-poll".into())
+        .spawn(move || {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let r = hub::fetch_manifest(&hub, &node);
+                let wait = match &r {
+                    Ok(_) => {
+                        backoff = Duration::from_secs(1);
+                        poll
+                    }
+                    Err(e) => {
+                        let w = backoff.min(Duration::from_secs(30));
+                        tracing::warn!(retry_s = w.as_secs(), "{e}; retrying");
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        w
+                    }
+                };
+                if tx.send(Event::Fetched(r)).is_err() {
+                    return;
                 }
-                Err(e) => {
-                    let w = backoff.min(Duration::from_secs(30));
-                    tracing::warn!(retry_s = w.as_secs(), "{e}; retrying");
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    w
-                }
-            };
-            if tx.send(Event::Fetched(r)).is_err() {
-                return;
+                std::thread::sleep(wait);
             }
-            std::thread::sleep(wait);
-        }
-    });
+        });
 }
 
 fn spawn_status_sender(hub: String, node: String, rx: Receiver<Value>) {
-    let _ = std::thread::Builder::new().name("hub-status".into()).spawn(move || {
-        let mut latest: Option<Value> = None;
-        let mut sent = true;
-        loop {
-            match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(v) => {
-                    latest = Some(v);
-                    sent = false;
-                    // Coalesce a burst of updates into one report.
-                    while let Ok(v) = rx.try_recv() {
+    let _ = std::thread::Builder::new()
+        .name("hub-status".into())
+        .spawn(move || {
+            let mut latest: Option<Value> = None;
+            let mut sent = true;
+            loop {
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(v) => {
                         latest = Some(v);
+                        sent = false;
+                        // Coalesce a burst of updates into one report.
+                        while let Ok(v) = rx.try_recv() {
+                            latest = Some(v);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => sent = false, // heartbeat
+                    Err(RecvTimeoutError::Disconnected) => {}
+                }
+                if let (false, Some(v)) = (sent, &latest) {
+                    match hub::post_status(&hub, &node, v) {
+                        Ok(()) => sent = true,
+                        Err(e) => tracing::debug!("{e}"),
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => sent = false, // heartbeat
-                Err(RecvTimeoutError::Disconnected) => {}
             }
-            if let (false, Some(v)) = (sent, &latest) {
-                match hub::post_status(&hub, &node, v) {
-                    Ok(()) => sent = true,
-                    Err(e) => tracing::debug!("{e}"),
-                }
-            }
-        }
-    });
+        });
 }
 
 #[derive(Debug)]
 enum State {
     Preparing,
-    Running { pid: u32, since: Instant },
-    Backoff { until: Instant },
-    Stopping { pid: u32, deadline: Instant, killed: bool },
+    Running {
+        pid: u32,
+        since: Instant,
+    },
+    Backoff {
+        until: Instant,
+    },
+    Stopping {
+        pid: u32,
+        deadline: Instant,
+        killed: bool,
+    },
     Exited,
 }
 
@@ -278,7 +315,10 @@ fn describe_exit(status: i32) -> (String, bool) {
         let code = libc::WEXITSTATUS(status);
         (format!("exited with status {code}"), code == 0)
     } else if libc::WIFSIGNALED(status) {
-        (format!("killed by signal {}", libc::WTERMSIG(status)), false)
+        (
+            format!("killed by signal {}", libc::WTERMSIG(status)),
+            false,
+        )
     } else {
         (format!("ended (wait status {status:#x})"), false)
     }
@@ -381,9 +421,18 @@ impl<'a> Supervisor<'a> {
             return false;
         }
         self.last_seen = Some(sha);
-        match verify(bytes, &self.boot.trust, &self.boot.node, now_unix(), self.applied.as_ref()) {
+        match verify(
+            bytes,
+            &self.boot.trust,
+            &self.boot.node,
+            now_unix(),
+            self.applied.as_ref(),
+        ) {
             Ok((Decision::Apply(m), applied)) => {
-                timeline::mark("manifest-verified", &format!("manifest version {} verified", m.version));
+                timeline::mark(
+                    "manifest-verified",
+                    &format!("manifest version {} verified", m.version),
+                );
                 tracing::info!(version = m.version, "applying manifest");
                 clock_floor(m.issued_at, "manifest issue time");
                 self.applied = Some(applied);
@@ -395,7 +444,10 @@ impl<'a> Supervisor<'a> {
                 tracing::debug!("manifest unchanged");
             }
             Err(rej) => {
-                tracing::error!(code = rej.code(), "manifest rejected: {rej}; running workloads untouched");
+                tracing::error!(
+                    code = rej.code(),
+                    "manifest rejected: {rej}; running workloads untouched"
+                );
                 self.manifest_state = "rejected";
                 self.manifest_error = Some((rej.code().to_string(), rej.to_string()));
             }
@@ -449,7 +501,9 @@ impl<'a> Supervisor<'a> {
     }
 
     fn publish_ports(&mut self, desired: &[Arc<dyn Workload>]) {
-        let Some(net) = self.boot.net.as_mut() else { return };
+        let Some(net) = self.boot.net.as_mut() else {
+            return;
+        };
         let mut keep = Vec::new();
         for w in desired {
             for p in w.ports() {
@@ -464,9 +518,15 @@ impl<'a> Supervisor<'a> {
                         continue;
                     }
                 };
-                match self.boot.proxies.ensure(p.host, SocketAddrV4::new(addr, p.container)) {
+                match self
+                    .boot
+                    .proxies
+                    .ensure(p.host, SocketAddrV4::new(addr, p.container))
+                {
                     Ok(()) => keep.push(p.host),
-                    Err(e) => tracing::error!(workload = %w.name(), port = p.host, error = %e, "cannot publish port"),
+                    Err(e) => {
+                        tracing::error!(workload = %w.name(), port = p.host, error = %e, "cannot publish port")
+                    }
                 }
             }
         }
@@ -498,19 +558,25 @@ impl<'a> Supervisor<'a> {
     }
 
     fn prepare(&mut self, name: &str) {
-        let Some(s) = self.slots.get_mut(name) else { return };
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
         s.state = State::Preparing;
         let (w, gen, tx) = (s.w.clone(), s.gen, self.tx.clone());
         let name = name.to_string();
-        let _ = std::thread::Builder::new().name(format!("prep-{name}")).spawn(move || {
-            let result = catch_unwind(AssertUnwindSafe(|| w.prepare()))
-                .unwrap_or_else(|_| Err("preparation panicked (bug); will retry".to_string()));
-            let _ = tx.send(Event::Prepared { name, gen, result });
-        });
+        let _ = std::thread::Builder::new()
+            .name(format!("prep-{name}"))
+            .spawn(move || {
+                let result = catch_unwind(AssertUnwindSafe(|| w.prepare()))
+                    .unwrap_or_else(|_| Err("preparation panicked (bug); will retry".to_string()));
+                let _ = tx.send(Event::Prepared { name, gen, result });
+            });
     }
 
     fn on_prepared(&mut self, name: &str, gen: u64, result: Result<String, String>) -> bool {
-        let Some(s) = self.slots.get_mut(name).filter(|s| s.gen == gen) else { return false };
+        let Some(s) = self.slots.get_mut(name).filter(|s| s.gen == gen) else {
+            return false;
+        };
         match result {
             Ok(msg) => {
                 tracing::info!(workload = %name, "{msg}");
@@ -521,10 +587,13 @@ impl<'a> Supervisor<'a> {
             }
             Err(e) => {
                 s.consecutive_failures += 1;
-                let delay = Duration::from_secs(1 << s.consecutive_failures.min(6)).min(Duration::from_secs(60));
+                let delay = Duration::from_secs(1 << s.consecutive_failures.min(6))
+                    .min(Duration::from_secs(60));
                 tracing::error!(workload = %name, retry_s = delay.as_secs(), "preparing failed: {e}");
                 s.error = Some(e);
-                s.state = State::Backoff { until: Instant::now() + delay };
+                s.state = State::Backoff {
+                    until: Instant::now() + delay,
+                };
             }
         }
         true
@@ -534,22 +603,47 @@ impl<'a> Supervisor<'a> {
         if self.shutting_down {
             return;
         }
-        let Some(s) = self.slots.get_mut(name) else { return };
-        let Some(net) = self.boot.net.as_mut() else {
-            s.error = Some("the workload network is not up".into());
-            s.state = State::Backoff { until: Instant::now() + Duration::from_secs(5) };
+        let Some(s) = self.slots.get_mut(name) else {
             return;
         };
-        match s.w.start(net, &self.boot.uplink.lease.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()) {
+        let Some(net) = self.boot.net.as_mut() else {
+            s.error = Some("the workload network is not up".into());
+            s.state = State::Backoff {
+                until: Instant::now() + Duration::from_secs(5),
+            };
+            return;
+        };
+        match s.w.start(
+            net,
+            &self
+                .boot
+                .uplink
+                .lease
+                .dns
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>(),
+        ) {
             Ok(st) => {
                 tracing::info!(workload = %name, kind = s.w.kind(), pid = st.pid, address = %st.address, "started");
-                timeline::mark("workload-started", &format!("{name} started (pid {})", st.pid));
-                s.state = State::Running { pid: st.pid, since: Instant::now() };
+                timeline::mark(
+                    "workload-started",
+                    &format!("{name} started (pid {})", st.pid),
+                );
+                s.state = State::Running {
+                    pid: st.pid,
+                    since: Instant::now(),
+                };
                 s.address = Some(st.address);
                 s.error = None;
                 s.answering = false;
                 if let Some(p) = s.w.ports().into_iter().find(|p| p.protocol == "tcp") {
-                    spawn_answer_probe(name.to_string(), s.gen, SocketAddrV4::new(st.address, p.container), self.tx.clone());
+                    spawn_answer_probe(
+                        name.to_string(),
+                        s.gen,
+                        SocketAddrV4::new(st.address, p.container),
+                        self.tx.clone(),
+                    );
                 }
             }
             Err(e) => {
@@ -557,7 +651,9 @@ impl<'a> Supervisor<'a> {
                 let delay = restart_delay(s.consecutive_failures);
                 tracing::error!(workload = %name, retry_ms = delay.as_millis() as u64, "start failed: {e}");
                 s.error = Some(e);
-                s.state = State::Backoff { until: Instant::now() + delay };
+                s.state = State::Backoff {
+                    until: Instant::now() + delay,
+                };
             }
         }
     }
@@ -566,14 +662,20 @@ impl<'a> Supervisor<'a> {
     /// a timeout). With `remove` the slot goes away; with a replacement the
     /// new definition starts once the old one is gone.
     fn stop(&mut self, name: &str, remove: bool, replacement: Option<Arc<dyn Workload>>) {
-        let Some(s) = self.slots.get_mut(name) else { return };
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
         s.remove = remove;
         s.replacement = replacement;
         match s.state {
             State::Running { pid, .. } => {
                 // SAFETY: signalling a child we started.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                s.state = State::Stopping { pid, deadline: Instant::now() + STOP_TIMEOUT, killed: false };
+                s.state = State::Stopping {
+                    pid,
+                    deadline: Instant::now() + STOP_TIMEOUT,
+                    killed: false,
+                };
             }
             State::Stopping { .. } => {}
             _ => self.finish_stop(name),
@@ -581,7 +683,9 @@ impl<'a> Supervisor<'a> {
     }
 
     fn finish_stop(&mut self, name: &str) {
-        let Some(s) = self.slots.get_mut(name) else { return };
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
         s.w.kill();
         if let Some(new) = s.replacement.take() {
             self.slots.remove(name);
@@ -596,7 +700,9 @@ impl<'a> Supervisor<'a> {
     fn on_exit(&mut self, pid: i32, status: i32) -> bool {
         let pid = pid as u32;
         let found = self.slots.iter().find_map(|(n, s)| match s.state {
-            State::Running { pid: p, .. } | State::Stopping { pid: p, .. } if p == pid => Some(n.clone()),
+            State::Running { pid: p, .. } | State::Stopping { pid: p, .. } if p == pid => {
+                Some(n.clone())
+            }
             _ => None,
         });
         let Some(name) = found else {
@@ -628,11 +734,17 @@ impl<'a> Supervisor<'a> {
             s.state = State::Exited;
             return true;
         }
-        s.consecutive_failures = if ran > Duration::from_secs(10) { 1 } else { s.consecutive_failures + 1 };
+        s.consecutive_failures = if ran > Duration::from_secs(10) {
+            1
+        } else {
+            s.consecutive_failures + 1
+        };
         let delay = restart_delay(s.consecutive_failures);
         s.restarts += 1;
         tracing::warn!(workload = %name, pid, restarts = s.restarts, delay_ms = delay.as_millis() as u64, "{what}; restarting");
-        s.state = State::Backoff { until: Instant::now() + delay };
+        s.state = State::Backoff {
+            until: Instant::now() + delay,
+        };
         true
     }
 
@@ -641,7 +753,9 @@ impl<'a> Supervisor<'a> {
         let mut changed = false;
         let names: Vec<String> = self.slots.keys().cloned().collect();
         for n in names {
-            let Some(s) = self.slots.get_mut(&n) else { continue };
+            let Some(s) = self.slots.get_mut(&n) else {
+                continue;
+            };
             match s.state {
                 State::Backoff { until } if until <= now => {
                     changed = true;
@@ -651,16 +765,29 @@ impl<'a> Supervisor<'a> {
                         self.prepare(&n);
                     }
                 }
-                State::Stopping { pid, deadline, killed: false } if deadline <= now => {
+                State::Stopping {
+                    pid,
+                    deadline,
+                    killed: false,
+                } if deadline <= now => {
                     tracing::warn!(workload = %n, pid, "did not stop in time: killing its cgroup");
                     s.w.kill();
-                    s.state = State::Stopping { pid, deadline: now + Duration::from_secs(5), killed: true };
+                    s.state = State::Stopping {
+                        pid,
+                        deadline: now + Duration::from_secs(5),
+                        killed: true,
+                    };
                     changed = true;
                 }
                 _ => {}
             }
         }
-        if self.shutting_down && !self.slots.values().any(|s| matches!(s.state, State::Running { .. } | State::Stopping { .. })) {
+        if self.shutting_down
+            && !self
+                .slots
+                .values()
+                .any(|s| matches!(s.state, State::Running { .. } | State::Stopping { .. }))
+        {
             pid1::AGENT_STOPPED.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         changed
@@ -721,16 +848,20 @@ impl<'a> Supervisor<'a> {
 }
 
 fn spawn_answer_probe(name: String, gen: u64, to: SocketAddrV4, tx: Sender<Event>) {
-    let _ = std::thread::Builder::new().name(format!("probe-{name}")).spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect_timeout(&to.into(), Duration::from_millis(200)).is_ok() {
-                let _ = tx.send(Event::Answering { name, gen });
-                return;
+    let _ = std::thread::Builder::new()
+        .name(format!("probe-{name}"))
+        .spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect_timeout(&to.into(), Duration::from_millis(200))
+                    .is_ok()
+                {
+                    let _ = tx.send(Event::Answering { name, gen });
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+        });
 }
 
 #[cfg(test)]
@@ -747,7 +878,10 @@ mod tests {
 
     #[test]
     fn exit_descriptions() {
-        assert_eq!(describe_exit(3 << 8), ("exited with status 3".to_string(), false));
+        assert_eq!(
+            describe_exit(3 << 8),
+            ("exited with status 3".to_string(), false)
+        );
         assert_eq!(describe_exit(0), ("exited with status 0".to_string(), true));
         assert_eq!(describe_exit(9), ("killed by signal 9".to_string(), false));
     }

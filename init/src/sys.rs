@@ -27,7 +27,14 @@ pub mod flags {
 /// System calls used during boot and container setup.
 pub trait Sys {
     /// mount(2).
-    fn mount(&self, src: &str, target: &str, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()>;
+    fn mount(
+        &self,
+        src: &str,
+        target: &str,
+        fstype: &str,
+        flags: u64,
+        data: Option<&str>,
+    ) -> io::Result<()>;
     /// mkdir -p with a mode for the last component.
     fn mkdir_all(&self, path: &str, mode: u32) -> io::Result<()>;
 }
@@ -40,13 +47,28 @@ fn cstr(s: &str) -> io::Result<CString> {
 pub struct LinuxSys;
 
 impl Sys for LinuxSys {
-    fn mount(&self, src: &str, target: &str, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()> {
+    fn mount(
+        &self,
+        src: &str,
+        target: &str,
+        fstype: &str,
+        flags: u64,
+        data: Option<&str>,
+    ) -> io::Result<()> {
         let (s, t, f) = (cstr(src)?, cstr(target)?, cstr(fstype)?);
         let d = data.map(cstr).transpose()?;
         let dptr = d.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
         // SAFETY: all pointers are valid NUL-terminated strings (or null for
         // `data`) that outlive the call.
-        let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags as libc::c_ulong, dptr) };
+        let rc = unsafe {
+            libc::mount(
+                s.as_ptr(),
+                t.as_ptr(),
+                f.as_ptr(),
+                flags as libc::c_ulong,
+                dptr,
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {
@@ -56,7 +78,10 @@ impl Sys for LinuxSys {
 
     fn mkdir_all(&self, path: &str, mode: u32) -> io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(mode).create(path)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
     }
 }
 
@@ -70,17 +95,71 @@ struct EarlyMount {
 }
 
 const EARLY: &[EarlyMount] = &[
-    EarlyMount { src: "proc", target: "/proc", fstype: "proc", flags: flags::NOSUID | flags::NODEV | flags::NOEXEC, data: None },
-    EarlyMount { src: "sysfs", target: "/sys", fstype: "sysfs", flags: flags::NOSUID | flags::NODEV | flags::NOEXEC, data: None },
-    EarlyMount { src: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: flags::NOSUID, data: Some("mode=0755") },
-    EarlyMount { src: "devpts", target: "/dev/pts", fstype: "devpts", flags: flags::NOSUID | flags::NOEXEC, data: Some("gid=5,mode=0620,ptmxmode=0666") },
-    EarlyMount { src: "shm", target: "/dev/shm", fstype: "tmpfs", flags: flags::NOSUID | flags::NODEV, data: Some("mode=1777") },
-    EarlyMount { src: "run", target: "/run", fstype: "tmpfs", flags: flags::NOSUID | flags::NODEV, data: Some("mode=0755") },
-    EarlyMount { src: "tmp", target: "/tmp", fstype: "tmpfs", flags: flags::NOSUID | flags::NODEV, data: Some("mode=1777") },
-    EarlyMount { src: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: flags::NOSUID | flags::NODEV | flags::NOEXEC, data: Some("nsdelegate") },
+    EarlyMount {
+        src: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        data: None,
+    },
+    EarlyMount {
+        src: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        data: None,
+    },
+    EarlyMount {
+        src: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: flags::NOSUID,
+        data: Some("mode=0755"),
+    },
+    EarlyMount {
+        src: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: flags::NOSUID | flags::NOEXEC,
+        data: Some("gid=5,mode=0620,ptmxmode=0666"),
+    },
+    EarlyMount {
+        src: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: flags::NOSUID | flags::NODEV,
+        data: Some("mode=1777"),
+    },
+    EarlyMount {
+        src: "run",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: flags::NOSUID | flags::NODEV,
+        data: Some("mode=0755"),
+    },
+    EarlyMount {
+        src: "tmp",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: flags::NOSUID | flags::NODEV,
+        data: Some("mode=1777"),
+    },
+    EarlyMount {
+        src: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: flags::NOSUID | flags::NODEV | flags::NOEXEC,
+        data: Some("nsdelegate"),
+    },
     // Workload state (layers, rootfs upper dirs) lives in RAM until the
     // storage work gives the node a state volume.
-    EarlyMount { src: "cairn-state", target: "/var/lib/cairn", fstype: "tmpfs", flags: flags::NOSUID | flags::NODEV, data: Some("mode=0700") },
+    EarlyMount {
+        src: "cairn-state",
+        target: "/var/lib/cairn",
+        fstype: "tmpfs",
+        flags: flags::NOSUID | flags::NODEV,
+        data: Some("mode=0700"),
+    },
 ];
 
 /// Mounts the early filesystems in order. An already-mounted target (EBUSY)
@@ -118,10 +197,18 @@ pub mod testing {
     }
 
     impl Sys for Recorder {
-        fn mount(&self, src: &str, target: &str, fstype: &str, _flags: u64, data: Option<&str>) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("mount {src} {target} {fstype} {}", data.unwrap_or("-")));
+        fn mount(
+            &self,
+            src: &str,
+            target: &str,
+            fstype: &str,
+            _flags: u64,
+            data: Option<&str>,
+        ) -> io::Result<()> {
+            self.calls.borrow_mut().push(format!(
+                "mount {src} {target} {fstype} {}",
+                data.unwrap_or("-")
+            ));
             match self.fail.iter().find(|(t, _)| *t == target) {
                 Some((_, errno)) => Err(io::Error::from_raw_os_error(*errno)),
                 None => Ok(()),

@@ -43,7 +43,9 @@ pub enum EnvelopeError {
     #[error("not a cairn manifest envelope (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
     /// A payload format this build does not know.
-    #[error("manifest format {0} is not supported by this node (supported: {SUPPORTED_FORMATS:?})")]
+    #[error(
+        "manifest format {0} is not supported by this node (supported: {SUPPORTED_FORMATS:?})"
+    )]
     UnknownFormat(u32),
     /// The payload does not decode in its format.
     #[error("manifest payload (format {format}) does not decode: {reason}")]
@@ -86,13 +88,16 @@ impl Envelope {
 
     /// Parses wire bytes (no signature check: see `verify`).
     pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
-        let (env, rest): (Envelope, &[u8]) =
-            postcard::take_from_bytes(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let (env, rest): (Envelope, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if env.magic != MAGIC {
             return Err(EnvelopeError::BadMagic(env.magic));
         }
         if !rest.is_empty() {
-            return Err(EnvelopeError::Malformed(format!("{} trailing bytes", rest.len())));
+            return Err(EnvelopeError::Malformed(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
         }
         Ok(env)
     }
@@ -100,10 +105,12 @@ impl Envelope {
     /// Decodes the payload according to its format.
     pub fn decode_payload(&self) -> Result<Manifest, EnvelopeError> {
         match self.format {
-            FORMAT_V1 => postcard::from_bytes(&self.payload).map_err(|e| EnvelopeError::BadPayload {
-                format: self.format,
-                reason: e.to_string(),
-            }),
+            FORMAT_V1 => {
+                postcard::from_bytes(&self.payload).map_err(|e| EnvelopeError::BadPayload {
+                    format: self.format,
+                    reason: e.to_string(),
+                })
+            }
             other => Err(EnvelopeError::UnknownFormat(other)),
         }
     }

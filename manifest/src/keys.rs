@@ -34,7 +34,9 @@ pub enum KeyError {
 }
 
 /// Short identifier of a public key: the first 8 bytes of its sha256, in hex.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct KeyId(pub String);
 
 impl KeyId {
@@ -104,7 +106,11 @@ impl SigningKey {
 
 /// The text of a public key file.
 pub fn public_file_text(key: &VerifyingKey) -> String {
-    format!("# cairn ed25519 public key, id {}\n{}\n", KeyId::of(key), hex::encode(key.as_bytes()))
+    format!(
+        "# cairn ed25519 public key, id {}\n{}\n",
+        KeyId::of(key),
+        hex::encode(key.as_bytes())
+    )
 }
 
 fn read_hex32(path: &Path) -> Result<[u8; 32], KeyError> {
@@ -116,7 +122,10 @@ fn read_hex32(path: &Path) -> Result<[u8; 32], KeyError> {
 }
 
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))?;
     let bytes = hex::decode(line).ok()?;
     bytes.try_into().ok()
 }

@@ -330,8 +330,11 @@ pub enum SpecError {
 
 /// Checks a digest string of the form `sha256:<64 lowercase hex>`.
 pub fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -339,7 +342,8 @@ fn is_dns_label(s: &str) -> bool {
         && s.len() <= 63
         && !s.starts_with('-')
         && !s.ends_with('-')
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Parses `a.b.c.d/len` into (network, prefix length).
@@ -391,7 +395,11 @@ impl Manifest {
             check_image(&f.name, &f.image)?;
         }
         for v in &self.vms {
-            let arts = v.kernel.iter().chain(v.initrd.iter()).chain(v.disks.iter().map(|d| &d.source));
+            let arts = v
+                .kernel
+                .iter()
+                .chain(v.initrd.iter())
+                .chain(v.disks.iter().map(|d| &d.source));
             for a in arts {
                 if !is_sha256_digest(&a.sha256) {
                     return Err(SpecError::BadDigest {

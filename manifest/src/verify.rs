@@ -60,7 +60,9 @@ pub enum Rejection {
         now: u64,
     },
     /// Lower than the applied version.
-    #[error("manifest version {offered} is lower than the applied version {applied} (rollback refused)")]
+    #[error(
+        "manifest version {offered} is lower than the applied version {applied} (rollback refused)"
+    )]
     Rollback {
         /// Applied.
         applied: u64,
@@ -68,7 +70,9 @@ pub enum Rejection {
         offered: u64,
     },
     /// Same version, different content.
-    #[error("manifest version {0} is already applied with different content (version reuse refused)")]
+    #[error(
+        "manifest version {0} is already applied with different content (version reuse refused)"
+    )]
     VersionReuse(u64),
     /// Signed correctly but its content is unusable.
     #[error("manifest version {version} is invalid: {error}")]
@@ -106,7 +110,9 @@ pub fn verify(
     applied: Option<&Applied>,
 ) -> Result<(Decision, Applied), Rejection> {
     let env = Envelope::from_bytes(bytes)?;
-    let key = trust.get(&env.key_id).ok_or_else(|| Rejection::UnknownKey(env.key_id.clone()))?;
+    let key = trust
+        .get(&env.key_id)
+        .ok_or_else(|| Rejection::UnknownKey(env.key_id.clone()))?;
     let sig_bytes: [u8; 64] = env
         .signature
         .as_slice()
@@ -202,7 +208,10 @@ port = [{{ host = 8080, container = 80 }}]
         assert_eq!(d2, Decision::Unchanged);
         // A higher version: applied.
         let b4 = Envelope::seal(&manifest("n1", 4), &k).to_bytes();
-        assert!(matches!(verify(&b4, &t, "n1", NOW, Some(&applied)).unwrap().0, Decision::Apply(_)));
+        assert!(matches!(
+            verify(&b4, &t, "n1", NOW, Some(&applied)).unwrap().0,
+            Decision::Apply(_)
+        ));
     }
 
     #[test]
@@ -223,7 +232,10 @@ port = [{{ host = 8080, container = 80 }}]
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
-            assert!(verify(&b, &t, "n1", NOW, None).is_err(), "flipping byte {i} was accepted");
+            assert!(
+                verify(&b, &t, "n1", NOW, None).is_err(),
+                "flipping byte {i} was accepted"
+            );
         }
     }
 
@@ -242,7 +254,12 @@ port = [{{ host = 8080, container = 80 }}]
         let other = SigningKey::from_seed([9; 32]);
         let mut env = Envelope::seal(&manifest("n1", 1), &other);
         env.key_id = k.id();
-        assert_eq!(verify(&env.to_bytes(), &t, "n1", NOW, None).unwrap_err().code(), "bad-signature");
+        assert_eq!(
+            verify(&env.to_bytes(), &t, "n1", NOW, None)
+                .unwrap_err()
+                .code(),
+            "bad-signature"
+        );
     }
 
     #[test]
@@ -277,7 +294,10 @@ port = [{{ host = 8080, container = 80 }}]
         let lower = Envelope::seal(&manifest("n1", 4), &k).to_bytes();
         assert_eq!(
             verify(&lower, &t, "n1", NOW, Some(&applied)).unwrap_err(),
-            Rejection::Rollback { applied: 5, offered: 4 }
+            Rejection::Rollback {
+                applied: 5,
+                offered: 4
+            }
         );
         let same = Envelope::seal(&manifest("n1", 5), &k).to_bytes();
         assert_eq!(
@@ -294,8 +314,14 @@ port = [{{ host = 8080, container = 80 }}]
             verify(&env.to_bytes(), &t, "n1", NOW, None).unwrap_err(),
             Rejection::Envelope(EnvelopeError::UnknownFormat(99))
         );
-        assert_eq!(verify(b"hello", &t, "n1", NOW, None).unwrap_err().code(), "malformed");
-        assert_eq!(verify(&[], &t, "n1", NOW, None).unwrap_err().code(), "malformed");
+        assert_eq!(
+            verify(b"hello", &t, "n1", NOW, None).unwrap_err().code(),
+            "malformed"
+        );
+        assert_eq!(
+            verify(&[], &t, "n1", NOW, None).unwrap_err().code(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -321,7 +347,14 @@ port = [{{ host = 8080, container = 80 }}]
         let bytes = Envelope::seal(&m, &k).to_bytes();
         let fixture = include_bytes!("../tests/fixtures/v1-envelope.bin");
         if bytes.as_slice() != fixture.as_slice() && std::env::var_os("CAIRN_BLESS").is_some() {
-            std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-envelope.bin"), &bytes).unwrap();
+            std::fs::write(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/v1-envelope.bin"
+                ),
+                &bytes,
+            )
+            .unwrap();
         }
         let mut t = TrustStore::new();
         t.add(k.verifying_key());

@@ -91,7 +91,9 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -162,7 +164,9 @@ impl TestNet {
     /// Starts a long-running process inside the namespace, output to a log file.
     pub fn start(&mut self, name: &str, mut cmd: Command) -> Result<()> {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.procs.push(Proc::spawn(name, &mut cmd)?);
         Ok(())
     }
@@ -180,8 +184,14 @@ impl TestNet {
             "--dhcp-option=option:router,10.77.0.1",
             "--log-dhcp",
         ])
-        .arg(format!("--dhcp-leasefile={}", self.dir.path().join("leases").display()))
-        .arg(format!("--pid-file={}", self.dir.path().join("dnsmasq.pid").display()));
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            self.dir.path().join("leases").display()
+        ))
+        .arg(format!(
+            "--pid-file={}",
+            self.dir.path().join("dnsmasq.pid").display()
+        ));
         self.start("dnsmasq", c)
     }
 
@@ -201,35 +211,54 @@ impl TestNet {
         self.start("registry", c)?;
         let addr = format!("{}:{port}", self.host_ip);
         let url = format!("http://{addr}/v2/");
-        self.wait_until("registry answering", Duration::from_secs(20), || Ok(self.http_get(&url).is_ok()))?;
+        self.wait_until("registry answering", Duration::from_secs(20), || {
+            Ok(self.http_get(&url).is_ok())
+        })?;
         Ok(addr)
     }
 
     /// Starts the hub on the bridge address.
     pub fn start_hub(&mut self, tools: &Path, port: u16) -> Result<String> {
         let mut c = self.cmd(tools.join("cairn-hub"));
-        c.arg("--data").arg(self.dir.path().join("hub")).arg("--listen").arg(format!("{}:{port}", self.host_ip));
+        c.arg("--data")
+            .arg(self.dir.path().join("hub"))
+            .arg("--listen")
+            .arg(format!("{}:{port}", self.host_ip));
         self.start("hub", c)?;
         let url = format!("http://{}:{port}", self.host_ip);
         let health = format!("{url}/healthz");
-        self.wait_until("hub answering", Duration::from_secs(20), || Ok(self.http_get(&health).is_ok()))?;
+        self.wait_until("hub answering", Duration::from_secs(20), || {
+            Ok(self.http_get(&health).is_ok())
+        })?;
         Ok(url)
     }
 
     /// Boots QEMU on the tap; serial console to `serial.log`.
     pub fn boot(&mut self, kernel: &Path, initrd: &Path, append: &str) -> Result<()> {
         let mut c = self.cmd("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-no-reboot", "-display", "none"])
-            .arg("-serial")
-            .arg(format!("file:{}", self.serial_path().display()))
-            .arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(append)
-            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"]);
+        c.args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", self.serial_path().display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append)
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"]);
         self.start("qemu", c)
     }
 
@@ -286,7 +315,12 @@ impl TestNet {
 
     /// Polls `f` until it returns true, failing after `limit` with the
     /// node's console tail in the error.
-    pub fn wait_until(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut() -> Result<bool>,
+    ) -> Result<Duration> {
         let start = Instant::now();
         while start.elapsed() < limit {
             if f().unwrap_or(false) {
@@ -295,8 +329,18 @@ impl TestNet {
             std::thread::sleep(Duration::from_millis(100));
         }
         let serial = self.serial();
-        let tail: Vec<&str> = serial.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("timed out after {limit:?} waiting for {what}; node console tail:\n{}", tail.join("\n"))
+        let tail: Vec<&str> = serial
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        bail!(
+            "timed out after {limit:?} waiting for {what}; node console tail:\n{}",
+            tail.join("\n")
+        )
     }
 }
 
@@ -310,7 +354,10 @@ impl Drop for TestNet {
         if std::env::var_os("CAIRN_KEEP_E2E").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("keeping {}", kept.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("tempdir"),
+            ));
         }
     }
 }

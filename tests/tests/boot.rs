@@ -21,7 +21,10 @@ fn status(net: &TestNet, hub: &str) -> Result<Value> {
 }
 
 fn workload<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
-    st["workloads"].as_array()?.iter().find(|w| w["name"] == name)
+    st["workloads"]
+        .as_array()?
+        .iter()
+        .find(|w| w["name"] == name)
 }
 
 fn sign(tools: &Path, key: &Path, dir: &Path, name: &str, toml: &str) -> Result<Vec<u8>> {
@@ -40,7 +43,10 @@ fn sign(tools: &Path, key: &Path, dir: &Path, name: &str, toml: &str) -> Result<
 fn publish(net: &TestNet, tools: &Path, hub: &str, node: &str, bytes: &[u8]) -> Result<()> {
     let f = net.dir.path().join("publish.bin");
     std::fs::write(&f, bytes)?;
-    run(net.cmd(tools.join("cairnctl")).args(["publish", "--hub", hub, node]).arg(&f))?;
+    run(net
+        .cmd(tools.join("cairnctl"))
+        .args(["publish", "--hub", hub, node])
+        .arg(&f))?;
     Ok(())
 }
 
@@ -79,7 +85,9 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
     let tools = inp.tools.clone();
 
     // Keys and the node image with the test key baked in.
-    run(Command::new(tools.join("cairnctl")).args(["keygen", "--name", "e2e", "--out"]).arg(dir.join("keys")))?;
+    run(Command::new(tools.join("cairnctl"))
+        .args(["keygen", "--name", "e2e", "--out"])
+        .arg(dir.join("keys")))?;
     let key = dir.join("keys/e2e.key");
     let initrd = dir.join("initramfs.cpio.zst");
     let summary = run(Command::new(tools.join("cairn-image"))
@@ -113,10 +121,21 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         .arg(&layout)
         .arg("--to")
         .arg(format!("{registry}/demo/hello:latest")))?;
-    let digest = pushed.trim().rsplit('@').next().context("push printed no digest")?.to_string();
+    let digest = pushed
+        .trim()
+        .rsplit('@')
+        .next()
+        .context("push printed no digest")?
+        .to_string();
     println!("pushed demo image {digest}");
 
-    let v1 = sign(&tools, &key, &dir, "v1", &manifest(1, &registry, &digest, ""))?;
+    let v1 = sign(
+        &tools,
+        &key,
+        &dir,
+        "v1",
+        &manifest(1, &registry, &digest, ""),
+    )?;
     publish(&net, &tools, &hub, NODE, &v1)?;
 
     // Boot.
@@ -126,13 +145,26 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         &initrd,
         &format!("console=ttyS0 panic=-1 cairn.hub={hub} cairn.node={NODE} cairn.poll=1"),
     )?;
-    net.wait_until("the container to answer (status)", Duration::from_secs(180), || {
-        let st = status(&net, &hub)?;
-        Ok(workload(&st, "web").is_some_and(|w| w["answering"] == true))
-    })?;
+    net.wait_until(
+        "the container to answer (status)",
+        Duration::from_secs(180),
+        || {
+            let st = status(&net, &hub)?;
+            Ok(workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
     let st = status(&net, &hub)?;
-    let node_ip = st["addresses"][0].as_str().context("no address in status")?.split('/').next().unwrap().to_string();
-    println!("node booted and serving after {:.1}s of QEMU (wall), node address {node_ip}", t_boot.elapsed().as_secs_f64());
+    let node_ip = st["addresses"][0]
+        .as_str()
+        .context("no address in status")?
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    println!(
+        "node booted and serving after {:.1}s of QEMU (wall), node address {node_ip}",
+        t_boot.elapsed().as_secs_f64()
+    );
     println!("boot timeline (ms since kernel start):");
     println!("  kernel-start 0");
     for p in st["timeline"].as_array().context("no timeline")? {
@@ -145,62 +177,127 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
     println!("GET {url} -> {code} {}", body.trim());
     assert_eq!(code, 200);
     assert!(body.contains("hello from cairn"), "{body}");
-    assert!(body.contains("host=web"), "the container has its own hostname: {body}");
+    assert!(
+        body.contains("host=web"),
+        "the container has its own hostname: {body}"
+    );
     let first = instance(&body).context("no instance id")?;
 
     // cairnctl nodes shows the node and its workload.
-    let nodes = run(net.cmd(tools.join("cairnctl")).args(["nodes", "--hub", &hub]))?;
+    let nodes = run(net
+        .cmd(tools.join("cairnctl"))
+        .args(["nodes", "--hub", &hub]))?;
     println!("{nodes}");
-    assert!(nodes.contains(NODE) && nodes.contains("web=running"), "{nodes}");
+    assert!(
+        nodes.contains(NODE) && nodes.contains("web=running"),
+        "{nodes}"
+    );
 
     // Restart policy `always`: /exit makes the server exit; PID 1 restarts it.
     let _ = net.http_get(&format!("http://{node_ip}:8080/exit"));
     let t0 = Instant::now();
     let mut second = None;
-    net.wait_until("a new instance to answer after /exit", Duration::from_secs(60), || {
-        let (c, b) = net.http_get(&url)?;
-        second = instance(&b).filter(|i| c == 200 && *i != first);
-        Ok(second.is_some())
-    })?;
-    println!("restart latency (exit -> new instance answering, measured from the test network): {} ms", t0.elapsed().as_millis());
+    net.wait_until(
+        "a new instance to answer after /exit",
+        Duration::from_secs(60),
+        || {
+            let (c, b) = net.http_get(&url)?;
+            second = instance(&b).filter(|i| c == 200 && *i != first);
+            Ok(second.is_some())
+        },
+    )?;
+    println!(
+        "restart latency (exit -> new instance answering, measured from the test network): {} ms",
+        t0.elapsed().as_millis()
+    );
     let st = status(&net, &hub)?;
     let w = workload(&st, "web").context("web missing")?;
     assert!(w["restarts"].as_u64() >= Some(1), "{w}");
-    assert!(w["last_exit"].as_str().unwrap_or("").contains("status 3"), "{w}");
+    assert!(
+        w["last_exit"].as_str().unwrap_or("").contains("status 3"),
+        "{w}"
+    );
     let second = second.unwrap();
 
     // Refusals: each is reported with its reason; the workload keeps running.
     let wait_rejected = |code: &str| -> Result<Value> {
         let mut last = Value::Null;
-        net.wait_until(&format!("rejection {code}"), Duration::from_secs(60), || {
-            last = status(&net, &hub)?;
-            Ok(last["manifest"]["error_code"] == code)
-        })?;
+        net.wait_until(
+            &format!("rejection {code}"),
+            Duration::from_secs(60),
+            || {
+                last = status(&net, &hub)?;
+                Ok(last["manifest"]["error_code"] == code)
+            },
+        )?;
         Ok(last)
     };
     // 1. A tampered manifest (one signature byte flipped).
-    let mut tampered = sign(&tools, &key, &dir, "v2", &manifest(2, &registry, &digest, "env = [{ name = \"X\", value = \"1\" }]"))?;
+    let mut tampered = sign(
+        &tools,
+        &key,
+        &dir,
+        "v2",
+        &manifest(
+            2,
+            &registry,
+            &digest,
+            "env = [{ name = \"X\", value = \"1\" }]",
+        ),
+    )?;
     let n = tampered.len();
     tampered[n - 1] ^= 0x01;
     publish(&net, &tools, &hub, NODE, &tampered)?;
     let st = wait_rejected("bad-signature")?;
     println!("tampered manifest refused: {}", st["manifest"]["error"]);
     assert_eq!(st["manifest"]["applied_version"], 1);
-    assert!(net.serial().contains("manifest rejected"), "the console says why");
+    assert!(
+        net.serial().contains("manifest rejected"),
+        "the console says why"
+    );
     // 2. Signed by a key the node does not trust.
-    run(Command::new(tools.join("cairnctl")).args(["keygen", "--name", "rogue", "--out"]).arg(dir.join("rogue")))?;
-    let rogue = sign(&tools, &dir.join("rogue/rogue.key"), &dir, "rogue", &manifest(5, &registry, &digest, ""))?;
+    run(Command::new(tools.join("cairnctl"))
+        .args(["keygen", "--name", "rogue", "--out"])
+        .arg(dir.join("rogue")))?;
+    let rogue = sign(
+        &tools,
+        &dir.join("rogue/rogue.key"),
+        &dir,
+        "rogue",
+        &manifest(5, &registry, &digest, ""),
+    )?;
     publish(&net, &tools, &hub, NODE, &rogue)?;
-    println!("untrusted key refused: {}", wait_rejected("unknown-key")?["manifest"]["error"]);
+    println!(
+        "untrusted key refused: {}",
+        wait_rejected("unknown-key")?["manifest"]["error"]
+    );
     // 3. An expired manifest.
     let expired_src = dir.join("expired.toml");
     std::fs::write(
         &expired_src,
-        manifest(6, &registry, &digest, "").replace("version = 6", "version = 6\nissued_at = 1000\nexpires_at = 2000"),
+        manifest(6, &registry, &digest, "").replace(
+            "version = 6",
+            "version = 6\nissued_at = 1000\nexpires_at = 2000",
+        ),
     )?;
-    run(Command::new(tools.join("cairnctl")).arg("sign").arg("--key").arg(&key).arg("-o").arg(dir.join("expired.bin")).arg(&expired_src))?;
-    publish(&net, &tools, &hub, NODE, &std::fs::read(dir.join("expired.bin"))?)?;
-    println!("expired manifest refused: {}", wait_rejected("expired")?["manifest"]["error"]);
+    run(Command::new(tools.join("cairnctl"))
+        .arg("sign")
+        .arg("--key")
+        .arg(&key)
+        .arg("-o")
+        .arg(dir.join("expired.bin"))
+        .arg(&expired_src))?;
+    publish(
+        &net,
+        &tools,
+        &hub,
+        NODE,
+        &std::fs::read(dir.join("expired.bin"))?,
+    )?;
+    println!(
+        "expired manifest refused: {}",
+        wait_rejected("expired")?["manifest"]["error"]
+    );
 
     // A newer, correctly signed manifest is applied; it also adds a workload
     // whose image does not exist, which fails alone.
@@ -208,33 +305,75 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         "\n[[container]]\nname = \"ghost\"\nimage = {{ registry = \"{registry}\", repository = \"demo/missing\", digest = \"sha256:{}\", insecure = true }}\n",
         "0".repeat(64)
     );
-    let v3 = sign(&tools, &key, &dir, "v3", &manifest(3, &registry, &digest, &ghost))?;
+    let v3 = sign(
+        &tools,
+        &key,
+        &dir,
+        "v3",
+        &manifest(3, &registry, &digest, &ghost),
+    )?;
     publish(&net, &tools, &hub, NODE, &v3)?;
-    net.wait_until("version 3 applied with ghost failing", Duration::from_secs(60), || {
-        let st = status(&net, &hub)?;
-        Ok(st["manifest"]["applied_version"] == 3
-            && st["manifest"]["state"] == "applied"
-            && workload(&st, "ghost").is_some_and(|g| g["error"].as_str().is_some_and(|e| e.contains("not found"))))
-    })?;
+    net.wait_until(
+        "version 3 applied with ghost failing",
+        Duration::from_secs(60),
+        || {
+            let st = status(&net, &hub)?;
+            Ok(st["manifest"]["applied_version"] == 3
+                && st["manifest"]["state"] == "applied"
+                && workload(&st, "ghost")
+                    .is_some_and(|g| g["error"].as_str().is_some_and(|e| e.contains("not found"))))
+        },
+    )?;
     let st = status(&net, &hub)?;
-    println!("v3 applied; ghost: {}", workload(&st, "ghost").unwrap()["error"]);
+    println!(
+        "v3 applied; ghost: {}",
+        workload(&st, "ghost").unwrap()["error"]
+    );
     // web's definition did not change: it was left running (same instance).
     let (_, b) = net.http_get(&url)?;
-    assert_eq!(instance(&b).as_deref(), Some(second.as_str()), "unchanged workload kept running: {b}");
+    assert_eq!(
+        instance(&b).as_deref(),
+        Some(second.as_str()),
+        "unchanged workload kept running: {b}"
+    );
 
     // 4. A lower version is a rollback; 5. the same version with other bytes is reuse;
     // 6. another node's manifest is refused.
-    let v2 = sign(&tools, &key, &dir, "v2b", &manifest(2, &registry, &digest, ""))?;
+    let v2 = sign(
+        &tools,
+        &key,
+        &dir,
+        "v2b",
+        &manifest(2, &registry, &digest, ""),
+    )?;
     publish(&net, &tools, &hub, NODE, &v2)?;
-    println!("rollback refused: {}", wait_rejected("rollback")?["manifest"]["error"]);
-    let v3b = sign(&tools, &key, &dir, "v3b", &manifest(3, &registry, &digest, ""))?;
+    println!(
+        "rollback refused: {}",
+        wait_rejected("rollback")?["manifest"]["error"]
+    );
+    let v3b = sign(
+        &tools,
+        &key,
+        &dir,
+        "v3b",
+        &manifest(3, &registry, &digest, ""),
+    )?;
     publish(&net, &tools, &hub, NODE, &v3b)?;
-    println!("version reuse refused: {}", wait_rejected("version-reuse")?["manifest"]["error"]);
+    println!(
+        "version reuse refused: {}",
+        wait_rejected("version-reuse")?["manifest"]["error"]
+    );
     // The hub refuses to store another node's manifest under this node, so
     // serve it through the node's own path with the other node's name: the
     // hub rejects that (it checks), hence publish to the other node and
     // check that our node never applies it.
-    let other = sign(&tools, &key, &dir, "other", &manifest(9, &registry, &digest, "").replace(NODE, "other-node"))?;
+    let other = sign(
+        &tools,
+        &key,
+        &dir,
+        "other",
+        &manifest(9, &registry, &digest, "").replace(NODE, "other-node"),
+    )?;
     publish(&net, &tools, &hub, "other-node", &other)?;
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&net, &hub)?["manifest"]["applied_version"], 3);

@@ -102,7 +102,13 @@ pub enum DecodeError {
 }
 
 /// Encodes a client message.
-pub fn encode_request(kind: MsgType, xid: u32, mac: [u8; 6], requested: Option<(Ipv4Addr, Ipv4Addr)>, hostname: &str) -> Vec<u8> {
+pub fn encode_request(
+    kind: MsgType,
+    xid: u32,
+    mac: [u8; 6],
+    requested: Option<(Ipv4Addr, Ipv4Addr)>,
+    hostname: &str,
+) -> Vec<u8> {
     let mut p = vec![0u8; FIXED_LEN];
     p[0] = 1; // BOOTREQUEST
     p[1] = 1; // ethernet
@@ -169,15 +175,25 @@ pub fn decode_reply(p: &[u8]) -> Result<Reply, DecodeError> {
         if code == 255 {
             break;
         }
-        let len = *p.get(i + 1).ok_or(DecodeError::Truncated { code, len: 0 })? as usize;
-        let data = p.get(i + 2..i + 2 + len).ok_or(DecodeError::Truncated { code, len })?;
+        let len = *p
+            .get(i + 1)
+            .ok_or(DecodeError::Truncated { code, len: 0 })? as usize;
+        let data = p
+            .get(i + 2..i + 2 + len)
+            .ok_or(DecodeError::Truncated { code, len })?;
         match (code, len) {
             (53, 1) => r.msg_type = Some(MsgType::from_code(data[0])),
             (1, 4) => r.netmask = Some(ipv4(data)),
             (3, l) if l >= 4 && l % 4 == 0 => r.router = Some(ipv4(data)),
             (6, l) if l >= 4 && l % 4 == 0 => r.dns = data.chunks_exact(4).map(ipv4).collect(),
-            (15, _) => r.domain = std::str::from_utf8(data).ok().map(|s| s.trim_end_matches('\0').to_string()),
-            (51, 4) => r.lease_secs = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]])),
+            (15, _) => {
+                r.domain = std::str::from_utf8(data)
+                    .ok()
+                    .map(|s| s.trim_end_matches('\0').to_string())
+            }
+            (51, 4) => {
+                r.lease_secs = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]]))
+            }
             (54, 4) => r.server_id = Some(ipv4(data)),
             (26, 2) => r.mtu = Some(u16::from_be_bytes([data[0], data[1]])),
             _ => {} // unknown or malformed-length options are ignored
@@ -241,7 +257,13 @@ fn bind_socket(iface: &str) -> io::Result<UdpSocket> {
     Ok(sock)
 }
 
-fn exchange(sock: &UdpSocket, packet: &[u8], xid: u32, want: MsgType, wait: Duration) -> io::Result<Option<Reply>> {
+fn exchange(
+    sock: &UdpSocket,
+    packet: &[u8],
+    xid: u32,
+    want: MsgType,
+    wait: Duration,
+) -> io::Result<Option<Reply>> {
     sock.send_to(packet, SocketAddrV4::new(Ipv4Addr::BROADCAST, 67))?;
     let deadline = Instant::now() + wait;
     let mut buf = [0u8; 1500];
@@ -249,11 +271,23 @@ fn exchange(sock: &UdpSocket, packet: &[u8], xid: u32, want: MsgType, wait: Dura
         sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(e),
         };
         match decode_reply(&buf[..n]) {
-            Ok(r) if r.xid == xid && (r.msg_type == Some(want) || r.msg_type == Some(MsgType::Nak)) => return Ok(Some(r)),
+            Ok(r)
+                if r.xid == xid
+                    && (r.msg_type == Some(want) || r.msg_type == Some(MsgType::Nak)) =>
+            {
+                return Ok(Some(r))
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "ignoring DHCP packet"),
         }
@@ -274,7 +308,13 @@ pub fn acquire(iface: &str, mac: [u8; 6], hostname: &str, attempts: u32) -> io::
         if let Some(offer) = exchange(&sock, &discover, xid, MsgType::Offer, wait + jitter)? {
             if offer.msg_type == Some(MsgType::Offer) {
                 let server = offer.server_id.unwrap_or(Ipv4Addr::UNSPECIFIED);
-                let request = encode_request(MsgType::Request, xid, mac, Some((offer.yiaddr, server)), hostname);
+                let request = encode_request(
+                    MsgType::Request,
+                    xid,
+                    mac,
+                    Some((offer.yiaddr, server)),
+                    hostname,
+                );
                 match exchange(&sock, &request, xid, MsgType::Ack, wait + jitter)? {
                     Some(ack) if ack.msg_type == Some(MsgType::Ack) => {
                         return Ok(Lease {
@@ -292,11 +332,19 @@ pub fn acquire(iface: &str, mac: [u8; 6], hostname: &str, attempts: u32) -> io::
                 }
             }
         } else {
-            tracing::warn!(iface, attempt, wait_ms = wait.as_millis() as u64, "no DHCP offer yet");
+            tracing::warn!(
+                iface,
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "no DHCP offer yet"
+            );
         }
         wait = (wait * 2).min(Duration::from_secs(16));
     }
-    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no DHCP lease on {iface} after {attempts} attempts")))
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no DHCP lease on {iface} after {attempts} attempts"),
+    ))
 }
 
 #[cfg(test)]
@@ -316,8 +364,8 @@ mod tests {
     #[test]
     fn decodes_an_ack() {
         let p = reply(&[
-            53, 1, 5, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 8, 10, 0, 2, 3, 1, 1, 1, 1, 51, 4, 0, 0, 14, 16, 54, 4, 10,
-            0, 2, 2, 26, 2, 5, 220, 0, 0, 255,
+            53, 1, 5, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 8, 10, 0, 2, 3, 1, 1, 1, 1, 51,
+            4, 0, 0, 14, 16, 54, 4, 10, 0, 2, 2, 26, 2, 5, 220, 0, 0, 255,
         ]);
         let r = decode_reply(&p).unwrap();
         assert_eq!(r.xid, 7);
@@ -325,7 +373,10 @@ mod tests {
         assert_eq!(r.yiaddr, Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(r.netmask.map(prefix_len), Some(24));
         assert_eq!(r.router, Some(Ipv4Addr::new(10, 0, 2, 2)));
-        assert_eq!(r.dns, vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(1, 1, 1, 1)]);
+        assert_eq!(
+            r.dns,
+            vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(1, 1, 1, 1)]
+        );
         assert_eq!(r.lease_secs, Some(3600));
         assert_eq!(r.mtu, Some(1500));
     }
@@ -333,14 +384,22 @@ mod tests {
     #[test]
     fn hostile_packets_are_errors_not_panics() {
         assert_eq!(decode_reply(&[]), Err(DecodeError::Short(0)));
-        assert!(matches!(decode_reply(&reply(&[53, 200])), Err(DecodeError::Truncated { code: 53, .. })));
-        assert!(matches!(decode_reply(&reply(&[6])), Err(DecodeError::Truncated { code: 6, len: 0 })));
+        assert!(matches!(
+            decode_reply(&reply(&[53, 200])),
+            Err(DecodeError::Truncated { code: 53, .. })
+        ));
+        assert!(matches!(
+            decode_reply(&reply(&[6])),
+            Err(DecodeError::Truncated { code: 6, len: 0 })
+        ));
         // Bogus lengths for fixed-size options are ignored, not trusted.
         let r = decode_reply(&reply(&[1, 3, 1, 2, 3, 3, 3, 9, 9, 9, 255])).unwrap();
         assert_eq!(r.netmask, None);
         assert_eq!(r.router, None);
         // Every truncation of a valid packet decodes or errors cleanly.
-        let full = reply(&[53, 1, 2, 6, 8, 1, 2, 3, 4, 5, 6, 7, 8, 15, 3, b'a', b'b', b'c', 255]);
+        let full = reply(&[
+            53, 1, 2, 6, 8, 1, 2, 3, 4, 5, 6, 7, 8, 15, 3, b'a', b'b', b'c', 255,
+        ]);
         for n in 0..full.len() {
             let _ = decode_reply(&full[..n]);
         }
@@ -363,7 +422,9 @@ mod tests {
         assert_eq!(&opts[..3], &[53, 1, 3]);
         assert!(opts.windows(6).any(|w| w == [50, 4, 10, 0, 2, 15]));
         assert!(opts.windows(6).any(|w| w == [54, 4, 10, 0, 2, 2]));
-        assert!(opts.windows(7).any(|w| w == [12, 5, b'n', b'o', b'd', b'e', b'1']));
+        assert!(opts
+            .windows(7)
+            .any(|w| w == [12, 5, b'n', b'o', b'd', b'e', b'1']));
         assert_eq!(*p.last().unwrap(), 255);
     }
 }

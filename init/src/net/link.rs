@@ -59,7 +59,9 @@ fn is_exists(e: &rtnetlink::Error) -> bool {
 impl Netlink {
     /// Opens a netlink socket in the calling thread's network namespace.
     pub fn new() -> Result<Netlink, NetError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
         let handle = rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(conn);
@@ -96,7 +98,9 @@ impl Netlink {
 
     /// Renames a (down) link.
     pub fn rename(&self, index: u32, name: &str) -> Result<(), NetError> {
-        let msg = LinkUnspec::new_with_index(index).name(name.to_string()).build();
+        let msg = LinkUnspec::new_with_index(index)
+            .name(name.to_string())
+            .build();
         self.rt
             .block_on(self.handle.link().set(msg).execute())
             .map_err(req(format!("rename link {index} to {name}")))
@@ -115,7 +119,9 @@ impl Netlink {
 
     /// Adds the IPv4 default route; an existing one is fine.
     pub fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).build();
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .build();
         match self.rt.block_on(self.handle.route().add(msg).execute()) {
             Err(e) if is_exists(&e) => Ok(()),
             r => r.map_err(req(format!("add default route via {gateway}"))),
@@ -149,7 +155,10 @@ impl Netlink {
 
     /// Attaches a link to a bridge and sets it up.
     pub fn set_master_up(&self, index: u32, bridge: u32) -> Result<(), NetError> {
-        let msg = LinkUnspec::new_with_index(index).controller(bridge).up().build();
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge)
+            .up()
+            .build();
         self.rt
             .block_on(self.handle.link().set(msg).execute())
             .map_err(req(format!("attach link {index} to bridge {bridge}")))

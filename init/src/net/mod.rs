@@ -66,7 +66,8 @@ fn try_bring_up(want: Option<&str>, hostname: &str) -> Result<NodeNet, String> {
     if let Some(gw) = lease.router {
         nl.add_default_route(gw).map_err(|e| e.to_string())?;
     }
-    write_resolv_conf(&lease.dns, lease.domain.as_deref()).map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
+    write_resolv_conf(&lease.dns, lease.domain.as_deref())
+        .map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
     tracing::info!(
         iface = %up.name,
         address = %format!("{}/{}", lease.address, lease.prefix),
@@ -85,7 +86,10 @@ fn try_bring_up(want: Option<&str>, hostname: &str) -> Result<NodeNet, String> {
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The resolv.conf text for these servers.
@@ -124,14 +128,15 @@ pub struct WorkloadNet {
 impl WorkloadNet {
     /// Creates the bridge with the first address of `subnet`, enables forwarding.
     pub fn new(subnet: &str) -> Result<WorkloadNet, String> {
-        let (net, prefix) =
-            cairn_manifest::parse_ipv4_cidr(subnet).ok_or_else(|| format!("bad workload subnet {subnet:?}"))?;
+        let (net, prefix) = cairn_manifest::parse_ipv4_cidr(subnet)
+            .ok_or_else(|| format!("bad workload subnet {subnet:?}"))?;
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         let network = Ipv4Addr::from(u32::from(net) & mask);
         let nl = Netlink::new().map_err(|e| e.to_string())?;
         let bridge = nl.ensure_bridge(BRIDGE).map_err(|e| e.to_string())?;
         let gw = Ipv4Addr::from(u32::from(network) + 1);
-        nl.add_address(bridge, IpAddr::V4(gw), prefix).map_err(|e| e.to_string())?;
+        nl.add_address(bridge, IpAddr::V4(gw), prefix)
+            .map_err(|e| e.to_string())?;
         nl.set_up(bridge).map_err(|e| e.to_string())?;
         if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
             tracing::warn!(error = %e, "could not enable IPv4 forwarding");
@@ -179,9 +184,16 @@ impl WorkloadNet {
         let (address, slot) = self.address_of(name)?;
         let host = format!("vh{slot}");
         let peer = format!("vp{slot}");
-        let (hi, pi) = self.nl.create_veth(&host, &peer).map_err(|e| e.to_string())?;
-        self.nl.set_master_up(hi, self.bridge).map_err(|e| e.to_string())?;
-        self.nl.move_to_pid_netns(pi, pid).map_err(|e| e.to_string())?;
+        let (hi, pi) = self
+            .nl
+            .create_veth(&host, &peer)
+            .map_err(|e| e.to_string())?;
+        self.nl
+            .set_master_up(hi, self.bridge)
+            .map_err(|e| e.to_string())?;
+        self.nl
+            .move_to_pid_netns(pi, pid)
+            .map_err(|e| e.to_string())?;
         tracing::debug!(workload = name, %address, host, peer, "veth attached");
         Ok(())
     }

@@ -42,12 +42,20 @@ impl Proxies {
 
     /// Stops forwarding ports not in `keep`.
     pub fn retain(&mut self, keep: &[u16]) {
-        let gone: Vec<u16> = self.by_port.keys().filter(|p| !keep.contains(p)).copied().collect();
+        let gone: Vec<u16> = self
+            .by_port
+            .keys()
+            .filter(|p| !keep.contains(p))
+            .copied()
+            .collect();
         for port in gone {
             if let Some(f) = self.by_port.remove(&port) {
                 f.stop.store(true, Ordering::SeqCst);
                 // Wake the blocked accept() so the thread sees the flag.
-                let _ = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200));
+                let _ = TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_millis(200),
+                );
                 tracing::info!(port, "unpublished tcp port");
             }
         }
@@ -75,7 +83,9 @@ fn relay(client: TcpStream, to: SocketAddrV4) {
             return;
         }
     };
-    let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else { return };
+    let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
     let t = std::thread::spawn(move || pipe(c2, u2));
     pipe(upstream, client);
     let _ = t.join();
