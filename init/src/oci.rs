@@ -516,6 +516,9 @@ mod tests {
                 let mut h = tar::Header::new_gnu();
                 h.set_size(data.len() as u64);
                 h.set_mode(0o644);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_mtime(0);
                 h.set_entry_type(tar::EntryType::Regular);
                 // Write the raw name so `..` is not rejected by the builder.
                 let bytes = name.as_bytes();
@@ -531,6 +534,10 @@ mod tests {
         unpack_layer(&good, "application/vnd.oci.image.layer.v1.tar", &out).unwrap();
         assert_eq!(std::fs::read(out.join("etc/motd")).unwrap(), b"hi");
         assert!(out.join(".cairn-done").exists());
+        use std::os::unix::fs::FileTypeExt;
+        let wh = std::fs::symlink_metadata(out.join("etc/gone")).unwrap();
+        assert!(wh.file_type().is_char_device(), "an OCI whiteout becomes an overlayfs whiteout");
+        assert!(!out.join("etc/.wh.gone").exists());
         let bad = dir.join("bad.tar");
         std::fs::write(&bad, mk(&[("../escape", b"x")])).unwrap();
         let out = dir.join("layer-bad");
