@@ -536,7 +536,10 @@ mod tests {
         assert!(out.join(".cairn-done").exists());
         use std::os::unix::fs::FileTypeExt;
         let wh = std::fs::symlink_metadata(out.join("etc/gone")).unwrap();
-        assert!(wh.file_type().is_char_device(), "an OCI whiteout becomes an overlayfs whiteout");
+        assert!(
+            wh.file_type().is_char_device(),
+            "an OCI whiteout becomes an overlayfs whiteout"
+        );
         assert!(!out.join("etc/.wh.gone").exists());
         let bad = dir.join("bad.tar");
         std::fs::write(&bad, mk(&[("../escape", b"x")])).unwrap();

@@ -308,6 +308,7 @@ struct Supervisor<'a> {
     unsupported: Vec<(String, &'static str)>,
     next_gen: u64,
     shutting_down: bool,
+    nat_error: Option<String>,
 }
 
 fn describe_exit(status: i32) -> (String, bool) {
@@ -352,6 +353,7 @@ impl<'a> Supervisor<'a> {
             unsupported: Vec::new(),
             next_gen: 1,
             shutting_down: false,
+            nat_error: None,
         }
     }
 
@@ -500,37 +502,59 @@ impl<'a> Supervisor<'a> {
         self.manifest = Some(m);
     }
 
+    /// Publishes ports with nftables DNAT (and masquerade for everything
+    /// leaving the workload subnet). Without nf_tables in the kernel, TCP
+    /// ports fall back to a userspace forwarder and outbound NAT is missing;
+    /// both are said loudly.
     fn publish_ports(&mut self, desired: &[Arc<dyn Workload>]) {
         let Some(net) = self.boot.net.as_mut() else {
             return;
         };
-        let mut keep = Vec::new();
+        let mut dnat = Vec::new();
         for w in desired {
-            for p in w.ports() {
-                if p.protocol != "tcp" {
-                    tracing::error!(workload = %w.name(), port = p.host, "udp publishing is not supported by this build yet");
+            let addr = match net.address_of(w.name()) {
+                Ok((a, _)) => a,
+                Err(e) => {
+                    tracing::error!(workload = %w.name(), error = %e, "no address");
                     continue;
                 }
-                let addr = match net.address_of(w.name()) {
-                    Ok((a, _)) => a,
-                    Err(e) => {
-                        tracing::error!(workload = %w.name(), error = %e, "no address");
-                        continue;
-                    }
-                };
-                match self
-                    .boot
-                    .proxies
-                    .ensure(p.host, SocketAddrV4::new(addr, p.container))
-                {
-                    Ok(()) => keep.push(p.host),
-                    Err(e) => {
-                        tracing::error!(workload = %w.name(), port = p.host, error = %e, "cannot publish port")
-                    }
-                }
+            };
+            for p in w.ports() {
+                let proto = if p.protocol == "udp" { 17 } else { 6 };
+                dnat.push(net::nft::Dnat {
+                    proto,
+                    port: p.host,
+                    to: addr,
+                    to_port: p.container,
+                });
             }
         }
-        self.boot.proxies.retain(&keep);
+        match net.apply_nat(dnat.clone()) {
+            Ok(()) => {
+                self.nat_error = None;
+                self.boot.proxies.retain(&[]);
+                for d in &dnat {
+                    tracing::info!(port = d.port, proto = d.proto, to = %SocketAddrV4::new(d.to, d.to_port), "published (nftables DNAT)");
+                }
+            }
+            Err(e) => {
+                let msg = format!("nftables NAT failed ({e}); tcp ports use a userspace forwarder, udp ports and outbound NAT are unavailable");
+                tracing::error!("{msg}");
+                self.nat_error = Some(msg);
+                let mut keep = Vec::new();
+                for d in dnat.iter().filter(|d| d.proto == 6) {
+                    match self
+                        .boot
+                        .proxies
+                        .ensure(d.port, SocketAddrV4::new(d.to, d.to_port))
+                    {
+                        Ok(()) => keep.push(d.port),
+                        Err(e) => tracing::error!(port = d.port, error = %e, "cannot publish port"),
+                    }
+                }
+                self.boot.proxies.retain(&keep);
+            }
+        }
     }
 
     fn add(&mut self, w: Arc<dyn Workload>) {
@@ -832,7 +856,7 @@ impl<'a> Supervisor<'a> {
             "interface": self.boot.uplink.iface,
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
-            "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).collect::<Vec<_>>(),
+            "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter()).collect::<Vec<_>>(),
             "manifest": {
                 "applied_version": self.applied.as_ref().map(|a| a.version),
                 "state": self.manifest_state,

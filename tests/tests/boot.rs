@@ -183,6 +183,19 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
     );
     let first = instance(&body).context("no instance id")?;
 
+    // NAT out: the container reaches the hub on the test network; the test
+    // network has no route to the workload subnet, so only masquerade works.
+    let hub_hostport = hub.trim_start_matches("http://");
+    let (code, body) = net.http_get(&format!(
+        "http://{node_ip}:8080/fetch?to={hub_hostport}/healthz"
+    ))?;
+    println!("container -> hub through NAT: {code} {}", body.trim());
+    assert_eq!(
+        (code, body.trim()),
+        (200, "ok"),
+        "outbound NAT from the container"
+    );
+
     // cairnctl nodes shows the node and its workload.
     let nodes = run(net
         .cmd(tools.join("cairnctl"))

@@ -4,6 +4,8 @@
 //! It exists to prove that a node pulled and started an image, that requests
 //! reach it (the instance id tells restarts apart) and that PID 1 restarts a
 //! workload that exits (`GET /exit` makes it exit with status 3).
+//! `GET /fetch?to=IP:PORT/PATH` makes an outbound HTTP request and returns
+//! what came back, which proves the workload network's outbound NAT.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -84,12 +86,35 @@ fn route(state: &State, method: &str, target: &str) -> Response {
             ),
         ),
         ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/fetch") => {
+            let to = target.split_once("?to=").map_or("", |(_, q)| q);
+            match fetch(to) {
+                Ok(body) => Response::text(200, body),
+                Err(e) => Response::text(502, format!("fetch {to}: {e}\n")),
+            }
+        }
         ("GET", "/exit") => Response {
             exit_after: true,
             ..Response::text(200, "bye\n")
         },
         _ => Response::text(404, "not found\n"),
     }
+}
+
+/// A plain HTTP/1.0 GET to `host:port/path`; returns the response body.
+fn fetch(to: &str) -> io::Result<String> {
+    let (hostport, path) = to.split_once('/').unwrap_or((to, ""));
+    let addr: std::net::SocketAddr = hostport
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "want IP:PORT/PATH"))?;
+    let mut s = TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply
+        .split_once("\r\n\r\n")
+        .map_or(reply.clone(), |(_, b)| b.to_string()))
 }
 
 /// Reads the request head (up to the blank line) and returns its first line.

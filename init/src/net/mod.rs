@@ -3,6 +3,7 @@
 
 pub mod dhcp;
 pub mod link;
+pub mod nft;
 pub mod proxy;
 
 use link::{NetError, Netlink};
@@ -149,6 +150,16 @@ impl WorkloadNet {
             prefix,
             by_name: BTreeMap::new(),
             next_slot: 2,
+        })
+    }
+
+    /// Replaces the NAT rules: masquerade out of the subnet plus `dnat`.
+    pub fn apply_nat(&self, dnat: Vec<nft::Dnat>) -> std::io::Result<()> {
+        nft::apply(&nft::NatPlan {
+            network: self.network,
+            prefix: self.prefix,
+            bridge: BRIDGE.to_string(),
+            dnat,
         })
     }
 
