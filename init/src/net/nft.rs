@@ -76,7 +76,7 @@ impl Attrs {
         self.0.extend_from_slice(&(len as u16).to_ne_bytes());
         self.0.extend_from_slice(&ty.to_ne_bytes());
         self.0.extend_from_slice(data);
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
         self
@@ -397,13 +397,10 @@ pub fn apply(plan: &NatPlan) -> io::Result<()> {
                 let err = i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().expect("4 bytes"));
                 if err != 0 {
                     let idx = seq.wrapping_sub(first_seq);
-                    return Err(io::Error::new(
-                        io::ErrorKind::Other,
-                        format!(
-                            "nftables refused batch message {idx}: {}",
-                            io::Error::from_raw_os_error(-err)
-                        ),
-                    ));
+                    return Err(io::Error::other(format!(
+                        "nftables refused batch message {idx}: {}",
+                        io::Error::from_raw_os_error(-err)
+                    )));
                 }
                 pending.retain(|s| *s != seq);
             }
