@@ -71,6 +71,12 @@ test: image demo-image
 	  cargo test --workspace -- --nocapture --test-threads=1 2>&1 | tee $(OUT)/test.log; \
 	rc=$$?; scripts/test-summary.sh $(OUT)/test.log; exit $$rc
 
+# Boot timeline medians and image sizes (CAIRN_BENCH_RUNS, default 5).
+# Later work adds side-by-side peers (udhcpc, crun, runc) here.
+bench: image demo-image
+	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
+	  cargo run -q -p cairn-e2e --bin bench-boot
+
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -262,6 +262,11 @@ impl TestNet {
         self.start("qemu", c)
     }
 
+    /// Stops (kills and reaps) the named process, e.g. `qemu`.
+    pub fn stop(&mut self, name: &str) {
+        self.procs.retain(|p| p.name != name);
+    }
+
     /// Path of the node's serial console log.
     pub fn serial_path(&self) -> PathBuf {
         self.dir.path().join("serial.log")
@@ -360,4 +365,143 @@ impl Drop for TestNet {
             ));
         }
     }
+}
+
+/// A ready test network with registry, hub, a signing key, an initramfs
+/// that trusts it and the demo image pushed: everything a boot needs.
+pub struct Scenario {
+    /// The network and its services.
+    pub net: TestNet,
+    /// Hub base URL.
+    pub hub: String,
+    /// Registry `host:port`.
+    pub registry: String,
+    /// Demo image manifest digest.
+    pub digest: String,
+    /// Signing key file.
+    pub key: PathBuf,
+    /// Initramfs with the key baked in.
+    pub initrd: PathBuf,
+    /// Tool directory.
+    pub tools: PathBuf,
+    /// Kernel.
+    pub kernel: PathBuf,
+}
+
+/// The node id the scenario uses.
+pub const NODE: &str = "e2e-node";
+
+impl Scenario {
+    /// Builds everything; prints the initramfs size.
+    pub fn setup(inp: &Inputs) -> Result<Scenario> {
+        let mut net = TestNet::new()?;
+        let dir = net.dir.path().to_path_buf();
+        let tools = inp.tools.clone();
+        run(Command::new(tools.join("cairnctl")).args(["keygen", "--name", "e2e", "--out"]).arg(dir.join("keys")))?;
+        let initrd = dir.join("initramfs.cpio.zst");
+        let summary = run(Command::new(tools.join("cairn-image"))
+            .arg("initramfs")
+            .arg("--init")
+            .arg(&inp.init)
+            .arg("--keys")
+            .arg(dir.join("keys"))
+            .arg("--out")
+            .arg(&initrd))?;
+        println!("{}", summary.trim());
+        let size = std::fs::metadata(&initrd)?.len();
+        println!("initramfs compressed size: {size} bytes ({:.2} MiB; target <= 4 MiB)", size as f64 / 1048576.0);
+        net.start_dhcp()?;
+        let registry = net.start_registry(5000)?;
+        let hub = net.start_hub(&tools, 7400)?;
+        let layout = dir.join("hello-oci");
+        run(Command::new(tools.join("cairn-image"))
+            .args(["oci", "--name", "hello", "--port", "80", "--binary"])
+            .arg(&inp.hello)
+            .arg("--out")
+            .arg(&layout))?;
+        let pushed = run(net
+            .cmd(tools.join("cairn-image"))
+            .args(["push", "--insecure", "--layout"])
+            .arg(&layout)
+            .arg("--to")
+            .arg(format!("{registry}/demo/hello:latest")))?;
+        let digest = pushed.trim().rsplit('@').next().context("push printed no digest")?.to_string();
+        println!("pushed demo image {digest}");
+        Ok(Scenario {
+            net,
+            hub,
+            registry,
+            digest,
+            key: dir.join("keys/e2e.key"),
+            initrd,
+            tools,
+            kernel: inp.kernel.clone(),
+        })
+    }
+
+    /// The demo manifest at `version`, with extra TOML appended.
+    pub fn manifest(&self, version: u64, extra: &str) -> String {
+        format!(
+            r#"node = "{NODE}"
+version = {version}
+
+[[container]]
+name = "web"
+image = {{ registry = "{}", repository = "demo/hello", digest = "{}", insecure = true }}
+port = [{{ host = 8080, container = 80 }}]
+restart = "always"
+{extra}
+"#,
+            self.registry, self.digest
+        )
+    }
+
+    /// Signs TOML with `key` (1 h ttl unless the TOML has times); returns the envelope.
+    pub fn sign_with(&self, key: &Path, name: &str, toml: &str) -> Result<Vec<u8>> {
+        let dir = self.net.dir.path();
+        let src = dir.join(format!("{name}.toml"));
+        let out = dir.join(format!("{name}.bin"));
+        std::fs::write(&src, toml)?;
+        let mut cmd = Command::new(self.tools.join("cairnctl"));
+        cmd.arg("sign").arg("--key").arg(key).arg("-o").arg(&out);
+        if !toml.contains("expires_at") {
+            cmd.args(["--ttl", "1h"]);
+        }
+        run(cmd.arg(&src))?;
+        Ok(std::fs::read(&out)?)
+    }
+
+    /// Signs with the scenario's key.
+    pub fn sign(&self, name: &str, toml: &str) -> Result<Vec<u8>> {
+        self.sign_with(&self.key.clone(), name, toml)
+    }
+
+    /// Publishes envelope bytes for `node` with `cairnctl publish`.
+    pub fn publish(&self, node: &str, bytes: &[u8]) -> Result<()> {
+        let f = self.net.dir.path().join("publish.bin");
+        std::fs::write(&f, bytes)?;
+        run(self.net.cmd(self.tools.join("cairnctl")).args(["publish", "--hub", &self.hub, node]).arg(&f))?;
+        Ok(())
+    }
+
+    /// Boots the node.
+    pub fn boot(&mut self) -> Result<()> {
+        let append = format!("console=ttyS0 panic=-1 cairn.hub={} cairn.node={NODE} cairn.poll=1", self.hub);
+        let (kernel, initrd) = (self.kernel.clone(), self.initrd.clone());
+        self.net.boot(&kernel, &initrd, &append)
+    }
+
+    /// The node's latest status from the hub (`Null` before its first report).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = self.net.http_get(&format!("{}/v1/nodes/{NODE}", self.hub))?;
+        if code != 200 {
+            bail!("hub answered {code}");
+        }
+        Ok(serde_json::from_str::<serde_json::Value>(&body)?["status"].clone())
+    }
+}
+
+/// A workload's entry in a status report.
+pub fn workload<'a>(st: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    st["workloads"].as_array()?.iter().find(|w| w["name"] == name)
 }
