@@ -18,8 +18,6 @@ pub struct Config {
     pub poll: Duration,
     /// Interface to run DHCP on (`cairn.iface=eth0`); default: first NIC.
     pub iface: Option<String>,
-    /// Skip moving off the initramfs rootfs (`cairn.noreroot`), for debugging.
-    pub noreroot: bool,
 }
 
 impl Default for Config {
@@ -30,7 +28,6 @@ impl Default for Config {
             trust: Vec::new(),
             poll: Duration::from_secs(5),
             iface: None,
-            noreroot: false,
         }
     }
 }
@@ -116,7 +113,6 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                     errors.push(err(key, value, "not an interface name"));
                 }
             }
-            "cairn.noreroot" => cfg.noreroot = true,
             k if k.starts_with("cairn.") => errors.push(err(key, value, "unknown cairn option")),
             _ => {}
         }

@@ -6,7 +6,7 @@ use crate::oci::{ImageConfig, PulledImage, Store};
 use crate::shim::{ShimNet, ShimSpec};
 use crate::workload::{Started, Workload};
 use cairn_manifest::{ContainerSpec, PortSpec, RestartPolicy};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -126,16 +126,24 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Copies a container's output to the console, line by line. Lines are cut
+/// at 16 KiB and bytes that are not UTF-8 are replaced, so no output can
+/// stop the copy (which would give the container EPIPE) or grow PID 1.
 fn forward_output(name: String, out: OwnedFd) {
     let _ = std::thread::Builder::new()
         .name(format!("log-{name}"))
         .spawn(move || {
             use std::io::BufRead;
-            let reader = std::io::BufReader::new(std::fs::File::from(out));
-            for line in reader.lines() {
-                match line {
-                    Ok(l) => tracing::info!(workload = %name, "| {l}"),
-                    Err(_) => break,
+            let mut reader = std::io::BufReader::new(std::fs::File::from(out));
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader).take(16 * 1024).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        tracing::info!(workload = %name, "| {}", text.trim_end_matches(['\n', '\r']));
+                    }
                 }
             }
         });
@@ -222,7 +230,9 @@ impl Workload for Container {
         let spec_path = dir.join("spec.json");
         let (sync_r, sync_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
-        let out_w2 = out_w.try_clone().map_err(|e| e.to_string())?;
+        let out_w2 = out_w
+            .try_clone()
+            .map_err(|e| format!("duplicating the log pipe: {e}"))?;
         std::fs::write(
             &spec_path,
             serde_json::to_vec(&spec).map_err(|e| e.to_string())?,
@@ -238,12 +248,22 @@ impl Workload for Container {
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(out_w2));
         // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe syscalls (dup, dup2, setsid, unshare).
+        // async-signal-safe syscalls. It never returns an error: if it did,
+        // std would waitpid() the child itself and race PID 1's reaper
+        // (which may reap it first and make std panic). On failure it says
+        // so on the log pipe and _exits(126); the reaper reports the exit.
         unsafe {
             cmd.pre_exec(move || {
+                fn die(msg: &[u8]) -> ! {
+                    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+                    unsafe {
+                        libc::write(2, msg.as_ptr().cast(), msg.len());
+                        libc::_exit(126)
+                    }
+                }
                 let fd = libc::dup(sync_fd);
                 if fd < 0 || libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    die(b"cairn-init: container setup: dup of the sync pipe failed\n");
                 }
                 libc::setsid();
                 let flags = libc::CLONE_NEWNS
@@ -252,7 +272,9 @@ impl Workload for Container {
                     | libc::CLONE_NEWNET
                     | libc::CLONE_NEWPID;
                 if libc::unshare(flags) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                    die(
+                        b"cairn-init: container setup: unshare(mount, uts, ipc, net, pid) failed\n",
+                    );
                 }
                 Ok(())
             });
@@ -282,5 +304,24 @@ impl Workload for Container {
 
     fn kill(&self) {
         kill_cgroup(&self.spec.name);
+    }
+
+    fn cleanup(&self) {
+        kill_cgroup(&self.spec.name);
+        // The cgroup can only go once its processes are gone; they were
+        // just killed, so give the kernel a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(self.cgroup()).is_ok() || !self.cgroup().exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The writable layer belongs to this definition only. (The overlay
+        // mount lived in the shim's mount namespace and died with it.)
+        if let Err(e) = std::fs::remove_dir_all(self.dir()) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(workload = %self.spec.name, error = %e, "could not remove container state");
+            }
+        }
     }
 }

@@ -17,8 +17,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("container-shim") if args.len() == 3 => shim::main(&args[2]),
-        _ if std::process::id() == 1 => pid1::main(),
         Some("--version") => println!("cairn-init {}", env!("CARGO_PKG_VERSION")),
+        _ if std::process::id() == 1 => pid1::main(),
         _ => {
             eprintln!(
                 "cairn-init is the PID 1 of a cairn node: boot it as /init in the initramfs.\n\

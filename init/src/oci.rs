@@ -18,6 +18,8 @@ const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Largest blob we accept (a layer), 8 GiB.
+const MAX_BLOB: u64 = 8 << 30;
 
 /// Why a pull failed; each names the step and the object.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +231,43 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// Digests being fetched or unpacked right now: two workloads sharing a
+/// layer must not write the same files at once.
+static BUSY: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static BUSY_CV: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Holds the exclusive right to fetch/unpack one digest.
+struct DigestLock(String);
+
+impl DigestLock {
+    fn take(digest: &str) -> DigestLock {
+        let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.iter().any(|d| d == digest) {
+            busy = BUSY_CV.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        busy.push(digest.to_string());
+        DigestLock(digest.to_string())
+    }
+}
+
+impl Drop for DigestLock {
+    fn drop(&mut self) {
+        let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        busy.retain(|d| *d != self.0);
+        BUSY_CV.notify_all();
+    }
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl Store {
     /// A store rooted at `root` (created on demand).
     pub fn new(root: impl Into<PathBuf>) -> Store {
@@ -255,6 +294,7 @@ impl Store {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
+            .timeout_recv_body(Some(Duration::from_secs(600)))
             .http_status_as_error(false)
             .build()
             .into();
@@ -286,12 +326,28 @@ impl Store {
             .config
             .as_ref()
             .ok_or_else(|| PullError::BadImage("image manifest has no config".into()))?;
+        // Digests become path names: check every one before any is used.
+        for d in std::iter::once(config_desc).chain(doc.layers.iter()) {
+            if !cairn_manifest::is_sha256_digest(&d.digest) {
+                return Err(PullError::BadImage(format!(
+                    "descriptor digest {:?} is not sha256:<64 hex>",
+                    d.digest
+                )));
+            }
+            if d.size == 0 || d.size > MAX_BLOB {
+                return Err(PullError::BadImage(format!(
+                    "descriptor {} has size {} (must be 1..={MAX_BLOB})",
+                    d.digest, d.size
+                )));
+            }
+        }
         let config_bytes = self.fetch_blob(&reg, config_desc, "image config")?;
         let config = parse_config(&config_bytes)?;
         let mut layers = Vec::new();
         let mut fetched = 0;
         for (i, l) in doc.layers.iter().enumerate() {
             let dir = self.layer_path(&l.digest);
+            let _lock = DigestLock::take(&l.digest);
             if !dir.join(".cairn-done").exists() {
                 let blob = self.blob_path(&l.digest);
                 if !blob.exists() {
@@ -310,6 +366,7 @@ impl Store {
     }
 
     fn fetch_blob(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<Vec<u8>, PullError> {
+        let _lock = DigestLock::take(&d.digest);
         let path = self.blob_path(&d.digest);
         if !path.exists() {
             self.download(reg, d, what)?;
@@ -329,9 +386,11 @@ impl Store {
         let path = self.blob_path(&d.digest);
         let dir = path.parent().expect("blob path has a parent");
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let tmp = path.with_extension("partial");
+        let tmp = path.with_extension(format!("partial-{}", unique_suffix()));
         let mut resp = reg.get(&format!("blobs/{}", d.digest), "*/*", what)?;
-        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        // Never read more than the descriptor promised: a hostile or broken
+        // registry must not fill the node's RAM.
+        let mut reader = resp.body_mut().with_config().limit(d.size).reader();
         let mut file =
             std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
         let mut hasher = Sha256::new();
@@ -354,7 +413,7 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        if d.size != 0 && d.size != total {
+        if d.size != total {
             let _ = std::fs::remove_file(&tmp);
             return Err(PullError::BadImage(format!(
                 "{what}: size {total} but the manifest says {}",
@@ -397,8 +456,7 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
     } else {
         Box::new(io::BufReader::new(file))
     };
-    let tmp = dest.with_extension("unpacking");
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = dest.with_extension(format!("unpacking-{}", unique_suffix()));
     std::fs::create_dir_all(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
@@ -414,7 +472,9 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
             .into_owned();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if let Some(hidden) = name.strip_prefix(".wh.") {
-            let parent = safe_join(&tmp, path.parent().unwrap_or(Path::new("")))?;
+            let rel_parent = path.parent().unwrap_or(Path::new(""));
+            let parent = safe_join(&tmp, rel_parent)?;
+            refuse_symlinks(&tmp, rel_parent)?;
             std::fs::create_dir_all(&parent).map_err(io_err("creating whiteout parent"))?;
             if hidden == ".wh..opq" {
                 set_opaque(&parent)?;
@@ -433,7 +493,12 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
             )));
         }
     }
-    let _ = std::fs::remove_dir_all(dest);
+    if dest.join(".cairn-done").exists() {
+        // Someone finished it meanwhile; theirs is as good as ours.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(dest); // a half-finished leftover
     std::fs::rename(&tmp, dest).map_err(io_err(format!("renaming to {}", dest.display())))?;
     std::fs::write(dest.join(".cairn-done"), b"").map_err(io_err("marking layer"))?;
     Ok(())
@@ -455,6 +520,23 @@ fn safe_join(root: &Path, rel: &Path) -> Result<PathBuf, PullError> {
         }
     }
     Ok(out)
+}
+
+/// Refuses a path whose existing components include a symlink: whiteouts
+/// are created with path-following syscalls, so `etc -> /` followed by
+/// `etc/.wh.x` must not reach outside the layer.
+fn refuse_symlinks(root: &Path, rel: &Path) -> Result<(), PullError> {
+    let mut p = root.to_path_buf();
+    for c in rel.components() {
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(PullError::BadImage(format!(
+                "layer whiteout under {} goes through a symlink; refused",
+                rel.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn make_whiteout(path: &Path) -> Result<(), PullError> {
@@ -548,6 +630,42 @@ mod tests {
         let r = unpack_layer(&bad, "application/vnd.oci.image.layer.v1.tar", &out);
         assert!(r.is_err(), "a path with .. must be refused");
         assert!(!dir.join("escape").exists());
+
+        // A symlink to outside, then a whiteout "through" it: refused, and
+        // nothing is created outside.
+        let outside = dir.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_link(&mut h, "etc", &outside).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "etc/.wh.victim", &b""[..]).unwrap();
+        let evil = dir.join("evil.tar");
+        std::fs::write(&evil, b.into_inner().unwrap()).unwrap();
+        let r = unpack_layer(
+            &evil,
+            "application/vnd.oci.image.layer.v1.tar",
+            &dir.join("layer-evil"),
+        );
+        assert!(
+            r.as_ref().is_err_and(|e| e.to_string().contains("symlink")),
+            "{r:?}"
+        );
+        assert!(
+            !outside.join("victim").exists(),
+            "nothing written outside the layer"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -64,8 +64,26 @@ fn ensure_console() {
 /// Like switch_root: copy our few files to a tmpfs, free the originals, move
 /// the tmpfs over `/`, chroot, and exec ourselves again (still PID 1).
 fn reroot() -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let s = sys::LinuxSys;
     use sys::Sys;
+    // Only ever on the initramfs: a ramfs/tmpfs root. Anything else (a real
+    // disk, a container's rootfs) is left alone.
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    if unsafe { libc::statfs(c"/".as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    const RAMFS_MAGIC: i64 = 0x858458f6;
+    const TMPFS_MAGIC: i64 = 0x01021994;
+    let fstype = st.f_type as i64;
+    if fstype != RAMFS_MAGIC && fstype != TMPFS_MAGIC {
+        return Err(io::Error::other(format!(
+            "/ is not an initramfs (filesystem magic {fstype:#x}); not re-rooting"
+        )));
+    }
+    let root_dev = std::fs::metadata("/")?.dev();
     s.mkdir_all("/newroot", 0o755)?;
     s.mount("rootfs", "/newroot", "tmpfs", 0, Some("mode=0755"))?;
     for entry in std::fs::read_dir("/")? {
@@ -75,6 +93,10 @@ fn reroot() -> io::Result<()> {
             continue;
         }
         let from = entry.path();
+        // Like switch_root: never cross into another filesystem.
+        if std::fs::symlink_metadata(&from)?.dev() != root_dev {
+            continue;
+        }
         let to = std::path::Path::new("/newroot").join(&name);
         copy_tree(&from, &to)?;
         let _ = remove_tree(&from);
@@ -139,8 +161,6 @@ fn remove_tree(p: &std::path::Path) -> io::Result<()> {
 pub fn main() -> ! {
     ensure_console();
     if std::env::var_os("CAIRN_REROOTED").is_none() {
-        // /proc is not mounted yet, so `cairn.noreroot` cannot be read here;
-        // re-rooting is cheap and always safe.
         if let Err(e) = reroot() {
             eprintln!(
                 "cairn-init: re-root failed ({e}); containers will not be able to pivot_root"

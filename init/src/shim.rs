@@ -89,11 +89,17 @@ fn wait_for_go() -> Result<(), String> {
 }
 
 fn setup_network(n: &ShimNet) -> Result<(), String> {
-    let nl = Netlink::new().map_err(|e| e.to_string())?;
-    let lo = nl.index_of("lo").map_err(|e| e.to_string())?;
-    nl.set_up(lo).map_err(|e| e.to_string())?;
-    let idx = nl.index_of(&n.peer).map_err(|e| e.to_string())?;
-    nl.rename(idx, "eth0").map_err(|e| e.to_string())?;
+    let nl = Netlink::new().map_err(|e| format!("container network: {e}"))?;
+    let lo = nl
+        .index_of("lo")
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
+    nl.set_up(lo)
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
+    let idx = nl
+        .index_of(&n.peer)
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
+    nl.rename(idx, "eth0")
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
     let addr: Ipv4Addr = n
         .address
         .parse()
@@ -103,14 +109,18 @@ fn setup_network(n: &ShimNet) -> Result<(), String> {
         .parse()
         .map_err(|_| format!("bad gateway {}", n.gateway))?;
     nl.add_address(idx, IpAddr::V4(addr), n.prefix)
-        .map_err(|e| e.to_string())?;
-    nl.set_up(idx).map_err(|e| e.to_string())?;
-    nl.add_default_route(gw).map_err(|e| e.to_string())?;
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
+    nl.set_up(idx)
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
+    nl.add_default_route(gw)
+        .map_err(|e| format!("container network ({}): {e}", n.peer))?;
     Ok(())
 }
 
 fn write_etc(spec: &ShimSpec) -> Result<(), String> {
-    let etc = Path::new(&spec.rootfs).join("etc");
+    // Runs after pivot_root: an image whose /etc (or /etc/hosts) is an
+    // absolute symlink resolves inside the container, never on the host.
+    let etc = Path::new("/etc");
     std::fs::create_dir_all(&etc).map_err(|e| format!("creating /etc: {e}"))?;
     let addr = spec
         .net
@@ -152,7 +162,6 @@ fn setup_mounts(spec: &ShimSpec) -> Result<(), String> {
     );
     s.mount("overlay", &spec.rootfs, "overlay", 0, Some(&opts))
         .map_err(|e| format!("mounting the overlay rootfs: {e}"))?;
-    write_etc(spec)?;
     let root = Path::new(&spec.rootfs);
     let dev = root.join("dev");
     let dev_s = dev.display().to_string();
@@ -294,10 +303,38 @@ fn run(spec_path: &str) -> Result<i32, String> {
                 }
             }
         } else if sig > 0 {
+            // The container is the init of its pid namespace: the kernel
+            // drops signals it has no handler for. A stop request it would
+            // ignore becomes SIGKILL now rather than after the timeout.
+            let sig = if stop_signal(sig) && !catches(child, sig) {
+                libc::SIGKILL
+            } else {
+                sig
+            };
             // SAFETY: forwarding a signal to our child.
             unsafe { libc::kill(child, sig) };
         }
     }
+}
+
+fn stop_signal(sig: libc::c_int) -> bool {
+    sig == libc::SIGTERM || sig == libc::SIGINT || sig == libc::SIGQUIT
+}
+
+/// Whether `pid` has a handler for `sig` (the SigCgt mask in /proc).
+fn catches(pid: libc::pid_t, sig: libc::c_int) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true; // unknown: forward as asked
+    };
+    sig_caught(&status, sig)
+}
+
+fn sig_caught(status: &str, sig: libc::c_int) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_none_or(|mask| mask & (1u64 << (sig - 1)) != 0)
 }
 
 fn exec_container(spec: &ShimSpec) -> Result<std::convert::Infallible, String> {
@@ -325,6 +362,7 @@ fn exec_container(spec: &ShimSpec) -> Result<std::convert::Infallible, String> {
         return Err(os("detaching the old root"));
     }
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    write_etc(spec)?;
     let (uid, gid) = resolve_user(&spec.user)?;
     // SAFETY: plain credential syscalls; failures are checked.
     unsafe {
@@ -345,6 +383,9 @@ fn exec_container(spec: &ShimSpec) -> Result<std::convert::Infallible, String> {
     argv_p.push(std::ptr::null());
     let mut env_p: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
     env_p.push(std::ptr::null());
+    // Rust ignores SIGPIPE in its own processes; the container gets the default.
+    // SAFETY: resetting a signal disposition before exec.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let empty = sigset(&[]);
     // SAFETY: restore an empty mask for the container; valid pointers.
     unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
@@ -409,6 +450,17 @@ mod tests {
         assert_eq!(resolve_user("").unwrap(), (0, 0));
         assert_eq!(resolve_user("1000").unwrap(), (1000, 1000));
         assert_eq!(resolve_user("1000:50").unwrap(), (1000, 50));
+    }
+
+    #[test]
+    fn sigcgt_mask() {
+        let st = "Name:\thello\nSigCgt:\t0000000000004000\n"; // bit 14 = SIGTERM (15)
+        assert!(sig_caught(st, libc::SIGTERM));
+        assert!(!sig_caught(st, libc::SIGINT));
+        assert!(
+            sig_caught("no mask here", libc::SIGTERM),
+            "unknown: forward as asked"
+        );
     }
 
     #[test]

@@ -95,10 +95,12 @@ fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
             ));
         }
         if sel.is_empty() {
-            errors.push("cairn.trust selected no baked-in key; using all baked-in keys".into());
-        } else {
-            store = sel;
+            // The operator meant to narrow trust: widening it back to every
+            // baked-in key would defeat that, so trust nothing and say so.
+            errors
+                .push("cairn.trust selected no baked-in key: no manifest will be accepted".into());
         }
+        store = sel;
     }
     for e in &errors {
         tracing::error!("{e}");
@@ -122,7 +124,16 @@ struct Boot {
     status_tx: Sender<Value>,
     boot_id: String,
     net: Option<WorkloadNet>,
+    net_error: Option<String>,
     proxies: Proxies,
+    /// Survives a restart of the reconcile loop: forgetting it would let an
+    /// older (still valid) manifest be applied after a panic.
+    applied: Option<Applied>,
+    /// The manifest applied last, re-applied when the loop restarts.
+    manifest: Option<Manifest>,
+    /// Generations stay unique across loop restarts, so a late event from
+    /// an old preparation thread never matches a new slot.
+    next_gen: u64,
 }
 
 /// The agent thread's body; never returns.
@@ -176,7 +187,11 @@ pub fn run_forever(
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
         net: None,
+        net_error: None,
         proxies: Proxies::default(),
+        applied: None,
+        manifest: None,
+        next_gen: 1,
     };
     loop {
         let r = catch_unwind(AssertUnwindSafe(|| {
@@ -298,15 +313,12 @@ struct Slot {
 struct Supervisor<'a> {
     boot: &'a mut Boot,
     tx: Sender<Event>,
-    applied: Option<Applied>,
-    manifest: Option<Manifest>,
     manifest_state: &'static str,
     manifest_error: Option<(String, String)>,
     hub_error: Option<String>,
     last_seen: Option<String>,
     slots: BTreeMap<String, Slot>,
     unsupported: Vec<(String, &'static str)>,
-    next_gen: u64,
     shutting_down: bool,
     nat_error: Option<String>,
 }
@@ -343,21 +355,27 @@ impl<'a> Supervisor<'a> {
         Supervisor {
             boot,
             tx,
-            applied: None,
-            manifest: None,
+
             manifest_state: "none",
             manifest_error: None,
             hub_error: None,
             last_seen: None,
             slots: BTreeMap::new(),
             unsupported: Vec::new(),
-            next_gen: 1,
             shutting_down: false,
             nat_error: None,
         }
     }
 
     fn run(&mut self, rx: &Receiver<Event>) {
+        if let Some(m) = self.boot.manifest.clone() {
+            tracing::warn!(
+                version = m.version,
+                "re-applying the last applied manifest after a loop restart"
+            );
+            self.manifest_state = "applied";
+            self.apply(m);
+        }
         self.push_status();
         loop {
             let wait = self.next_deadline().unwrap_or(Duration::from_secs(5));
@@ -379,7 +397,13 @@ impl<'a> Supervisor<'a> {
             .values()
             .filter_map(|s| match s.state {
                 State::Backoff { until } => Some(until),
-                State::Stopping { deadline, .. } => Some(deadline),
+                // Once killed, wait for the exit event; a process stuck in
+                // D state must not make this loop spin.
+                State::Stopping {
+                    deadline,
+                    killed: false,
+                    ..
+                } => Some(deadline),
                 _ => None,
             })
             .min()
@@ -428,7 +452,7 @@ impl<'a> Supervisor<'a> {
             &self.boot.trust,
             &self.boot.node,
             now_unix(),
-            self.applied.as_ref(),
+            self.boot.applied.as_ref(),
         ) {
             Ok((Decision::Apply(m), applied)) => {
                 timeline::mark(
@@ -437,13 +461,17 @@ impl<'a> Supervisor<'a> {
                 );
                 tracing::info!(version = m.version, "applying manifest");
                 clock_floor(m.issued_at, "manifest issue time");
-                self.applied = Some(applied);
+                self.boot.applied = Some(applied);
                 self.manifest_state = "applied";
                 self.manifest_error = None;
                 self.apply(*m);
             }
             Ok((Decision::Unchanged, _)) => {
+                // The hub is back to serving what we run (e.g. after it served
+                // a refused manifest): the refusal is no longer current.
                 tracing::debug!("manifest unchanged");
+                self.manifest_state = "applied";
+                self.manifest_error = None;
             }
             Err(rej) => {
                 tracing::error!(
@@ -457,13 +485,39 @@ impl<'a> Supervisor<'a> {
         true
     }
 
-    fn apply(&mut self, m: Manifest) {
-        if self.boot.net.is_none() {
-            match WorkloadNet::new(&m.network.workload_subnet) {
-                Ok(n) => self.boot.net = Some(n),
-                Err(e) => tracing::error!(error = %e, "workload network could not be created"),
+    /// Creates the workload network if it is not up yet (retried on every
+    /// apply and every start, with the cause kept for the status).
+    fn ensure_net(&mut self, subnet: &str) {
+        if let Some(net) = &self.boot.net {
+            if net.subnet() != subnet {
+                let msg = format!(
+                    "workload_subnet changed to {subnet} but the bridge already uses {}; a reboot applies it",
+                    net.subnet()
+                );
+                if self.boot.net_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("{msg}");
+                }
+                self.boot.net_error = Some(msg);
+            } else {
+                self.boot.net_error = None;
+            }
+            return;
+        }
+        match WorkloadNet::new(subnet) {
+            Ok(n) => {
+                self.boot.net = Some(n);
+                self.boot.net_error = None;
+            }
+            Err(e) => {
+                let msg = format!("workload network {subnet} could not be created: {e}");
+                tracing::error!("{msg}");
+                self.boot.net_error = Some(msg);
             }
         }
+    }
+
+    fn apply(&mut self, m: Manifest) {
+        self.ensure_net(&m.network.workload_subnet);
         self.unsupported = m
             .vms
             .iter()
@@ -489,7 +543,14 @@ impl<'a> Supervisor<'a> {
             self.stop(&n, true, None);
         }
         for w in &desired {
-            match self.slots.get(w.name()) {
+            match self.slots.get_mut(w.name()) {
+                // Already on its way out (removed or replaced by an earlier
+                // version): whatever it was going to become, it now becomes
+                // this definition once the old process is gone.
+                Some(s) if matches!(s.state, State::Stopping { .. }) => {
+                    s.remove = false;
+                    s.replacement = Some(w.clone());
+                }
                 Some(s) if s.w.fingerprint() == w.fingerprint() => {}
                 Some(_) => {
                     tracing::info!(workload = %w.name(), "definition changed: replacing");
@@ -499,7 +560,7 @@ impl<'a> Supervisor<'a> {
             }
         }
         self.publish_ports(&desired);
-        self.manifest = Some(m);
+        self.boot.manifest = Some(m);
     }
 
     /// Publishes ports with nftables DNAT (and masquerade for everything
@@ -558,8 +619,8 @@ impl<'a> Supervisor<'a> {
     }
 
     fn add(&mut self, w: Arc<dyn Workload>) {
-        let gen = self.next_gen;
-        self.next_gen += 1;
+        let gen = self.boot.next_gen;
+        self.boot.next_gen += 1;
         let name = w.name().to_string();
         self.slots.insert(
             name.clone(),
@@ -598,7 +659,13 @@ impl<'a> Supervisor<'a> {
     }
 
     fn on_prepared(&mut self, name: &str, gen: u64, result: Result<String, String>) -> bool {
-        let Some(s) = self.slots.get_mut(name).filter(|s| s.gen == gen) else {
+        // Only the preparation this slot is waiting for counts: a late
+        // result for an older generation or a slot that moved on is dropped.
+        let Some(s) = self
+            .slots
+            .get_mut(name)
+            .filter(|s| s.gen == gen && matches!(s.state, State::Preparing))
+        else {
             return false;
         };
         match result {
@@ -627,11 +694,22 @@ impl<'a> Supervisor<'a> {
         if self.shutting_down {
             return;
         }
+        if self.boot.net.is_none() {
+            if let Some(subnet) = self
+                .boot
+                .manifest
+                .as_ref()
+                .map(|m| m.network.workload_subnet.clone())
+            {
+                self.ensure_net(&subnet);
+            }
+        }
+        let net_error = self.boot.net_error.clone();
         let Some(s) = self.slots.get_mut(name) else {
             return;
         };
         let Some(net) = self.boot.net.as_mut() else {
-            s.error = Some("the workload network is not up".into());
+            s.error = Some(net_error.unwrap_or_else(|| "the workload network is not up".into()));
             s.state = State::Backoff {
                 until: Instant::now() + Duration::from_secs(5),
             };
@@ -710,13 +788,15 @@ impl<'a> Supervisor<'a> {
         let Some(s) = self.slots.get_mut(name) else {
             return;
         };
-        s.w.kill();
         if let Some(new) = s.replacement.take() {
+            s.w.cleanup();
             self.slots.remove(name);
             self.add(new);
         } else if s.remove || self.shutting_down {
+            s.w.cleanup();
             self.slots.remove(name);
         } else {
+            s.w.kill();
             s.state = State::Exited;
         }
     }
@@ -856,14 +936,18 @@ impl<'a> Supervisor<'a> {
             "interface": self.boot.uplink.iface,
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
-            "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter()).collect::<Vec<_>>(),
+            "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
+                .chain(self.boot.net_error.iter()).collect::<Vec<_>>(),
             "manifest": {
-                "applied_version": self.applied.as_ref().map(|a| a.version),
+                "applied_version": self.boot.applied.as_ref().map(|a| a.version),
                 "state": self.manifest_state,
                 "error": self.manifest_error.as_ref().map(|e| e.1.clone()),
                 "error_code": self.manifest_error.as_ref().map(|e| e.0.clone()),
                 "hub_error": self.hub_error,
-                "expires_at": self.manifest.as_ref().map(|m| m.expires_at),
+                "expires_at": self.boot.manifest.as_ref().map(|m| m.expires_at),
+                // Still running a manifest whose expiry has passed (the hub
+                // has nothing newer for us): reported, never silently.
+                "stale": self.boot.manifest.as_ref().map(|m| now_unix() > m.expires_at),
             },
             "timeline": timeline::phases(),
             "workloads": workloads,

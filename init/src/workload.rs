@@ -31,6 +31,8 @@ pub trait Workload: Send + Sync {
     fn prepare(&self) -> Result<String, String>;
     /// Starts the process.
     fn start(&self, net: &mut WorkloadNet, dns: &[String]) -> Result<Started, String>;
-    /// Kills everything that belongs to it, at once.
+    /// Kills everything that belongs to it, at once (kept for a restart).
     fn kill(&self);
+    /// Kills it and removes its state: it is being removed or replaced.
+    fn cleanup(&self);
 }

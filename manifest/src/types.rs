@@ -323,10 +323,23 @@ pub enum SpecError {
     /// A protocol other than tcp/udp.
     #[error("port {0}: protocol {1:?} is not tcp or udp")]
     BadProtocol(u16, String),
+    /// Issue/expiry times that cannot be right (expiry first, or values that
+    /// look like milliseconds): applying them would move the node's clock
+    /// floor years ahead and lock it out of every later manifest.
+    #[error("issued_at {issued_at} / expires_at {expires_at}: need issued_at <= expires_at, both unix seconds before {MAX_UNIX_SECONDS} (year 2200)")]
+    BadTimes {
+        /// Issue time.
+        issued_at: u64,
+        /// Expiry.
+        expires_at: u64,
+    },
     /// The workload subnet is not an IPv4 CIDR with room for workloads.
     #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
     BadSubnet(String),
 }
+
+/// Upper bound for manifest times: 2200-01-01T00:00:00Z.
+pub const MAX_UNIX_SECONDS: u64 = 7_258_118_400;
 
 /// Checks a digest string of the form `sha256:<64 lowercase hex>`.
 pub fn is_sha256_digest(d: &str) -> bool {
@@ -362,6 +375,12 @@ impl Manifest {
 
     /// Checks what the signature cannot: names, digests, ports, subnet.
     pub fn validate(&self) -> Result<(), SpecError> {
+        if self.issued_at > self.expires_at || self.expires_at > MAX_UNIX_SECONDS {
+            return Err(SpecError::BadTimes {
+                issued_at: self.issued_at,
+                expires_at: self.expires_at,
+            });
+        }
         let mut names = std::collections::BTreeSet::new();
         let mut ports = std::collections::BTreeSet::new();
         let all_names = self

@@ -333,6 +333,11 @@ port = [{{ host = 8080, container = 80 }}]
         assert_eq!(e.code(), "invalid");
         assert!(e.to_string().contains("latest"), "{e}");
         let mut m = manifest("n1", 1);
+        m.issued_at = 1_800_000_000_000; // milliseconds by mistake
+        m.expires_at = m.issued_at + 1;
+        let e = verify(&Envelope::seal(&m, &k).to_bytes(), &t, "n1", NOW, None).unwrap_err();
+        assert!(e.to_string().contains("issued_at"), "{e}");
+        let mut m = manifest("n1", 1);
         m.containers.push(m.containers[0].clone());
         let e = verify(&Envelope::seal(&m, &k).to_bytes(), &t, "n1", NOW, None).unwrap_err();
         assert!(e.to_string().contains("duplicate workload name"), "{e}");

@@ -217,7 +217,8 @@ impl TestNet {
         Ok(addr)
     }
 
-    /// Starts the hub on the bridge address.
+    /// Starts the hub on the bridge address (again, after `stop("hub")`,
+    /// on the same data directory).
     pub fn start_hub(&mut self, tools: &Path, port: u16) -> Result<String> {
         let mut c = self.cmd(tools.join("cairn-hub"));
         c.arg("--data")
@@ -397,7 +398,9 @@ impl Scenario {
         let mut net = TestNet::new()?;
         let dir = net.dir.path().to_path_buf();
         let tools = inp.tools.clone();
-        run(Command::new(tools.join("cairnctl")).args(["keygen", "--name", "e2e", "--out"]).arg(dir.join("keys")))?;
+        run(Command::new(tools.join("cairnctl"))
+            .args(["keygen", "--name", "e2e", "--out"])
+            .arg(dir.join("keys")))?;
         let initrd = dir.join("initramfs.cpio.zst");
         let summary = run(Command::new(tools.join("cairn-image"))
             .arg("initramfs")
@@ -409,7 +412,10 @@ impl Scenario {
             .arg(&initrd))?;
         println!("{}", summary.trim());
         let size = std::fs::metadata(&initrd)?.len();
-        println!("initramfs compressed size: {size} bytes ({:.2} MiB; target <= 4 MiB)", size as f64 / 1048576.0);
+        println!(
+            "initramfs compressed size: {size} bytes ({:.2} MiB; target <= 4 MiB)",
+            size as f64 / 1048576.0
+        );
         net.start_dhcp()?;
         let registry = net.start_registry(5000)?;
         let hub = net.start_hub(&tools, 7400)?;
@@ -425,7 +431,12 @@ impl Scenario {
             .arg(&layout)
             .arg("--to")
             .arg(format!("{registry}/demo/hello:latest")))?;
-        let digest = pushed.trim().rsplit('@').next().context("push printed no digest")?.to_string();
+        let digest = pushed
+            .trim()
+            .rsplit('@')
+            .next()
+            .context("push printed no digest")?
+            .to_string();
         println!("pushed demo image {digest}");
         Ok(Scenario {
             net,
@@ -480,20 +491,30 @@ restart = "always"
     pub fn publish(&self, node: &str, bytes: &[u8]) -> Result<()> {
         let f = self.net.dir.path().join("publish.bin");
         std::fs::write(&f, bytes)?;
-        run(self.net.cmd(self.tools.join("cairnctl")).args(["publish", "--hub", &self.hub, node]).arg(&f))?;
+        run(self
+            .net
+            .cmd(self.tools.join("cairnctl"))
+            .args(["publish", "--hub", &self.hub, node])
+            .arg(&f))?;
         Ok(())
     }
 
     /// Boots the node.
     pub fn boot(&mut self) -> Result<()> {
-        let append = format!("console=ttyS0 panic=-1 cairn.hub={} cairn.node={NODE} cairn.poll=1", self.hub);
+        // `cairn.colour` is a deliberate typo: the node must name it and go on.
+        let append = format!(
+            "console=ttyS0 panic=-1 cairn.hub={} cairn.node={NODE} cairn.poll=1 cairn.colour=blue",
+            self.hub
+        );
         let (kernel, initrd) = (self.kernel.clone(), self.initrd.clone());
         self.net.boot(&kernel, &initrd, &append)
     }
 
     /// The node's latest status from the hub (`Null` before its first report).
     pub fn status(&self) -> Result<serde_json::Value> {
-        let (code, body) = self.net.http_get(&format!("{}/v1/nodes/{NODE}", self.hub))?;
+        let (code, body) = self
+            .net
+            .http_get(&format!("{}/v1/nodes/{NODE}", self.hub))?;
         if code != 200 {
             bail!("hub answered {code}");
         }
@@ -503,5 +524,8 @@ restart = "always"
 
 /// A workload's entry in a status report.
 pub fn workload<'a>(st: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    st["workloads"].as_array()?.iter().find(|w| w["name"] == name)
+    st["workloads"]
+        .as_array()?
+        .iter()
+        .find(|w| w["name"] == name)
 }

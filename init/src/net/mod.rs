@@ -117,6 +117,7 @@ pub const BRIDGE: &str = "cairn0";
 
 /// One bridge and one address plan for every workload.
 pub struct WorkloadNet {
+    subnet: String,
     nl: Netlink,
     bridge: u32,
     network: Ipv4Addr,
@@ -144,6 +145,7 @@ impl WorkloadNet {
         }
         tracing::info!(bridge = BRIDGE, gateway = %gw, prefix, "workload network up");
         Ok(WorkloadNet {
+            subnet: subnet.to_string(),
             nl,
             bridge,
             network,
@@ -161,6 +163,11 @@ impl WorkloadNet {
             bridge: BRIDGE.to_string(),
             dnat,
         })
+    }
+
+    /// The subnet as configured.
+    pub fn subnet(&self) -> &str {
+        &self.subnet
     }
 
     /// Prefix length of the workload subnet.

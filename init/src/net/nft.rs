@@ -382,7 +382,11 @@ pub fn apply(plan: &NatPlan) -> io::Result<()> {
         // SAFETY: rbuf is writable for its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return Err(io::Error::other(format!(
+                "no complete reply from nf_tables ({} of the batch's messages unacknowledged): {e}",
+                pending.len()
+            )));
         }
         let mut off = 0usize;
         let n = n as usize;
