@@ -121,7 +121,7 @@ fn write_etc(spec: &ShimSpec) -> Result<(), String> {
     // Runs after pivot_root: an image whose /etc (or /etc/hosts) is an
     // absolute symlink resolves inside the container, never on the host.
     let etc = Path::new("/etc");
-    std::fs::create_dir_all(&etc).map_err(|e| format!("creating /etc: {e}"))?;
+    std::fs::create_dir_all(etc).map_err(|e| format!("creating /etc: {e}"))?;
     let addr = spec
         .net
         .as_ref()
