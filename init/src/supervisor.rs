@@ -56,6 +56,8 @@ pub enum Event {
 const TRUST_DIR: &str = "/etc/cairn/keys";
 const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A fresh status report at least this often, changed or not.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -243,7 +245,14 @@ fn spawn_status_sender(hub: String, node: String, rx: Receiver<Value>) {
             let mut latest: Option<Value> = None;
             let mut sent = true;
             loop {
-                match rx.recv_timeout(Duration::from_secs(10)) {
+                // Retry an unsent report every 2 s; otherwise wait for news
+                // (the supervisor sends a fresh snapshot at least every 10 s).
+                let wait = if sent {
+                    Duration::from_secs(60)
+                } else {
+                    Duration::from_secs(2)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(v) => {
                         latest = Some(v);
                         sent = false;
@@ -252,8 +261,8 @@ fn spawn_status_sender(hub: String, node: String, rx: Receiver<Value>) {
                             latest = Some(v);
                         }
                     }
-                    Err(RecvTimeoutError::Timeout) => sent = false, // heartbeat
-                    Err(RecvTimeoutError::Disconnected) => {}
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
                 if let (false, Some(v)) = (sent, &latest) {
                     match hub::post_status(&hub, &node, v) {
@@ -377,16 +386,19 @@ impl<'a> Supervisor<'a> {
             self.apply(m);
         }
         self.push_status();
+        let mut last_push = Instant::now();
         loop {
-            let wait = self.next_deadline().unwrap_or(Duration::from_secs(5));
+            let heartbeat = STATUS_EVERY.saturating_sub(last_push.elapsed());
+            let wait = self.next_deadline().map_or(heartbeat, |d| d.min(heartbeat));
             let changed = match rx.recv_timeout(wait) {
                 Ok(ev) => self.handle(ev),
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let ticked = self.tick();
-            if changed || ticked {
+            if changed || ticked || last_push.elapsed() >= STATUS_EVERY {
                 self.push_status();
+                last_push = Instant::now();
             }
         }
     }
@@ -413,8 +425,8 @@ impl<'a> Supervisor<'a> {
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
             Event::Fetched(Ok(bytes)) => {
-                self.hub_error = None;
-                self.consider_manifest(&bytes)
+                let hub_was_down = self.hub_error.take().is_some();
+                self.consider_manifest(&bytes) || hub_was_down
             }
             Event::Fetched(Err(e)) => {
                 let changed = self.hub_error.as_deref() != Some(e.as_str());

@@ -219,6 +219,28 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         "version reuse refused: {}",
         wait_rejected("version-reuse")?["manifest"]["error"]
     );
+    // v4 changes web's definition and drops ghost: web is replaced (a new
+    // instance), ghost is stopped and gone from the status.
+    let v4 = sc.sign(
+        "v4",
+        &sc.manifest(4, "env = [{ name = \"GREETING\", value = \"v4\" }]"),
+    )?;
+    sc.publish(NODE, &v4)?;
+    let mut third = None;
+    sc.net.wait_until(
+        "v4 applied: web replaced, ghost removed",
+        Duration::from_secs(60),
+        || {
+            let st = sc.status()?;
+            let (c, b) = sc.net.http_get(&url)?;
+            third = instance(&b).filter(|i| c == 200 && *i != second);
+            Ok(st["manifest"]["applied_version"] == 4
+                && workload(&st, "ghost").is_none()
+                && third.is_some())
+        },
+    )?;
+    println!("v4 applied: web replaced by a new instance, ghost removed");
+
     // 6. A compromised hub serves another node's (validly signed) manifest
     // under our name: the hub API refuses to file it, so it is written into
     // the hub's store directly. The node refuses it itself.
@@ -228,7 +250,7 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         "another node's manifest refused: {}",
         wait_rejected("wrong-node")?["manifest"]["error"]
     );
-    assert_eq!(sc.status()?["manifest"]["applied_version"], 3);
+    assert_eq!(sc.status()?["manifest"]["applied_version"], 4);
 
     // The hub goes away: the node says so on its console and keeps serving;
     // when the hub is back, reports resume.
