@@ -71,7 +71,7 @@ fn now_unix() -> u64 {
 fn clock_floor(floor: u64, why: &str) {
     if now_unix() < floor {
         let tv = libc::timeval {
-            tv_sec: libc::time_t::try_from(floor).unwrap_or(libc::time_t::MAX),
+            tv_sec: floor.min(i64::MAX as u64) as _,
             tv_usec: 0,
         };
         // SAFETY: valid timeval pointer; null timezone is allowed.
