@@ -8,6 +8,7 @@
 
 pub mod envelope;
 pub mod keys;
+pub mod time;
 pub mod types;
 pub mod verify;
 
