@@ -668,4 +668,58 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Two workloads sharing a layer unpack it at the same time (the bug:
+    /// fixed temp names made one wipe the other's half-done tree, leaving a
+    /// layer with missing files marked done). Now each gets a complete layer.
+    #[test]
+    fn concurrent_unpacks_of_one_layer_both_complete() {
+        let dir = std::env::temp_dir().join(format!("cairn-unpack-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..400 {
+            let mut h = tar::Header::new_gnu();
+            let data = format!("file {i}");
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, format!("d/f{i}"), data.as_bytes())
+                .unwrap();
+        }
+        let blob = dir.join("layer.tar");
+        std::fs::write(&blob, b.into_inner().unwrap()).unwrap();
+        let dest = dir.join("layer");
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (blob, dest) = (blob.clone(), dest.clone());
+                std::thread::spawn(move || {
+                    let _lock = DigestLock::take("sha256:test");
+                    if !dest.join(".cairn-done").exists() {
+                        unpack_layer(&blob, "application/vnd.oci.image.layer.v1.tar", &dest)
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dest.join("d")).unwrap().count(), 400);
+        // No temp directories left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("unpacking"))
+            .collect();
+        assert!(leftovers.is_empty());
+        // Without the lock, unpack_layer itself still never replaces a
+        // finished layer with another copy.
+        unpack_layer(&blob, "application/vnd.oci.image.layer.v1.tar", &dest).unwrap();
+        assert_eq!(std::fs::read_dir(dest.join("d")).unwrap().count(), 400);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
