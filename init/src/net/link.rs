@@ -117,6 +117,58 @@ impl Netlink {
         }
     }
 
+    /// Removes an address; a missing one is fine.
+    pub fn del_address(&self, index: u32, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let found = self.rt.block_on(async {
+            let mut req = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            while let Some(m) = req.try_next().await? {
+                let hit = m.header.prefix_len == prefix
+                    && m.attributes
+                        .iter()
+                        .any(|a| matches!(a, AddressAttribute::Address(x) if *x == addr));
+                if hit {
+                    return Ok(Some(m));
+                }
+            }
+            Ok::<_, rtnetlink::Error>(None)
+        });
+        match found.map_err(req(format!("list addresses of link {index}")))? {
+            Some(m) => self
+                .rt
+                .block_on(self.handle.address().del(m).execute())
+                .map_err(req(format!(
+                    "delete address {addr}/{prefix} from link {index}"
+                ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets a link's MTU.
+    pub fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(req(format!("set MTU {mtu} on link {index}")))
+    }
+
+    /// Adds an IPv4 route (`0.0.0.0/0` = default); an existing one is fine.
+    pub fn add_route(&self, dst: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<(), NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .gateway(gateway)
+            .build();
+        match self.rt.block_on(self.handle.route().add(msg).execute()) {
+            Err(e) if is_exists(&e) => Ok(()),
+            r => r.map_err(req(format!("add route {dst}/{prefix} via {gateway}"))),
+        }
+    }
+
     /// Adds the IPv4 default route; an existing one is fine.
     pub fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()

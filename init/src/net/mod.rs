@@ -35,54 +35,74 @@ pub fn pick_uplink(nl: &Netlink, want: Option<&str>) -> Result<link::LinkInfo, N
         .ok_or_else(|| NetError::NoLink(want.unwrap_or("<first ethernet NIC>").to_string()))
 }
 
-/// Brings up loopback and the uplink, runs DHCP until it gets a lease, and
-/// applies address, default route and resolv.conf. Retries forever with
-/// backoff: a node without a network cannot do anything useful, but it must
-/// not stop trying either.
+/// Brings up loopback and the uplink, starts the DHCP client on it (which
+/// keeps running: renewals, rebinding, expiry) and waits for the first
+/// lease. Retries forever with backoff: a node without a network cannot do
+/// anything useful, but it must not stop trying either.
 pub fn bring_up_uplink(want: Option<&str>, hostname: &str) -> NodeNet {
     let mut delay = std::time::Duration::from_secs(1);
-    loop {
-        match try_bring_up(want, hostname) {
-            Ok(n) => return n,
+    let up = loop {
+        match prepare_uplink(want) {
+            Ok(up) => break up,
             Err(e) => {
                 tracing::error!(error = %e, retry_s = delay.as_secs(), "node network not up yet");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(std::time::Duration::from_secs(30));
             }
         }
+    };
+    let mac = up.mac.unwrap_or_default();
+    tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), "uplink up, starting DHCP");
+    let (tx, rx) = std::sync::mpsc::channel::<dhcp::Lease>();
+    let (name, index, host) = (up.name.clone(), up.index, hostname.to_string());
+    let _ = std::thread::Builder::new()
+        .name(format!("dhcp-{name}"))
+        .spawn(move || dhcp::driver::run(name, index, mac, host, tx));
+    let first = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(l) => break l,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(iface = %up.name, "still waiting for a DHCP lease")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                tracing::error!(iface = %up.name, "DHCP client thread is gone");
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    };
+    write_resolv_conf_logged(&first);
+    // Later leases (renewals, a new lease after expiry) may change resolvers.
+    let mut last = first.dns.clone();
+    let _ = std::thread::Builder::new()
+        .name("dhcp-dns".into())
+        .spawn(move || {
+            for l in rx {
+                if l.dns != last {
+                    write_resolv_conf_logged(&l);
+                    last = l.dns.clone();
+                }
+            }
+        });
+    NodeNet {
+        iface: up.name,
+        mac,
+        lease: first,
     }
 }
 
-fn try_bring_up(want: Option<&str>, hostname: &str) -> Result<NodeNet, String> {
+fn write_resolv_conf_logged(l: &dhcp::Lease) {
+    if let Err(e) = write_resolv_conf(&l.dns, l.domain.as_deref()) {
+        tracing::error!(error = %e, "writing /etc/resolv.conf failed");
+    }
+}
+
+fn prepare_uplink(want: Option<&str>) -> Result<link::LinkInfo, String> {
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     let lo = nl.index_of("lo").map_err(|e| e.to_string())?;
     nl.set_up(lo).map_err(|e| e.to_string())?;
     let up = pick_uplink(&nl, want).map_err(|e| e.to_string())?;
-    let mac = up.mac.unwrap_or_default();
     nl.set_up(up.index).map_err(|e| e.to_string())?;
-    tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), "uplink up, starting DHCP");
-    let lease = dhcp::acquire(&up.name, mac, hostname, 6).map_err(|e| e.to_string())?;
-    nl.add_address(up.index, IpAddr::V4(lease.address), lease.prefix)
-        .map_err(|e| e.to_string())?;
-    if let Some(gw) = lease.router {
-        nl.add_default_route(gw).map_err(|e| e.to_string())?;
-    }
-    write_resolv_conf(&lease.dns, lease.domain.as_deref())
-        .map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
-    tracing::info!(
-        iface = %up.name,
-        address = %format!("{}/{}", lease.address, lease.prefix),
-        gateway = ?lease.router,
-        dns = ?lease.dns,
-        server = %lease.server,
-        lease_s = lease.lease_secs,
-        "DHCP lease applied"
-    );
-    Ok(NodeNet {
-        iface: up.name,
-        mac,
-        lease,
-    })
+    Ok(up)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

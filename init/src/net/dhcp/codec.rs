@@ -1,15 +1,9 @@
-//! A minimal DHCPv4 client (RFC 2131): DISCOVER → OFFER → REQUEST → ACK on
-//! one interface, enough to boot on QEMU user networking and dnsmasq.
-//! The full client (renew/rebind, NAK, INIT-REBOOT, option 121) is the
-//! networking work's; the codec here is shared with it.
-//!
-//! Before the interface has an address we send from 0.0.0.0:68 with the
-//! BROADCAST flag set, so servers broadcast their replies and a plain UDP
-//! socket bound to the device receives them (no raw socket needed).
+//! DHCPv4 wire format (RFC 2131/2132, RFC 3442 for option 121): encoding
+//! client messages and decoding server replies. Decoding never panics on
+//! hostile input: truncated options are errors, malformed fixed-size options
+//! are ignored.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::time::{Duration, Instant};
+use std::net::Ipv4Addr;
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 const FIXED_LEN: usize = 236;
@@ -77,6 +71,16 @@ pub struct Reply {
     pub server_id: Option<Ipv4Addr>,
     /// Option 26.
     pub mtu: Option<u16>,
+    /// Option 12 (the name the server gives us).
+    pub hostname: Option<String>,
+    /// Option 42.
+    pub ntp: Vec<Ipv4Addr>,
+    /// Option 58, seconds.
+    pub t1: Option<u32>,
+    /// Option 59, seconds.
+    pub t2: Option<u32>,
+    /// Option 121: (destination, prefix length, router); overrides option 3.
+    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
 }
 
 /// Why a packet was not a usable reply.
@@ -101,41 +105,82 @@ pub enum DecodeError {
     },
 }
 
+/// A client message, with the fields RFC 2131 (table 5) varies by state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// DISCOVER or REQUEST (or RELEASE).
+    pub kind: MsgType,
+    /// Transaction id.
+    pub xid: u32,
+    /// Our MAC (chaddr and client identifier).
+    pub mac: [u8; 6],
+    /// Our address when renewing/rebinding, else 0.0.0.0.
+    pub ciaddr: Ipv4Addr,
+    /// Option 50: in SELECTING and INIT-REBOOT only.
+    pub requested: Option<Ipv4Addr>,
+    /// Option 54: in SELECTING only.
+    pub server_id: Option<Ipv4Addr>,
+    /// Ask for broadcast replies (we have no address yet).
+    pub broadcast: bool,
+    /// Option 12.
+    pub hostname: &'a str,
+}
+
 /// Encodes a client message.
-pub fn encode_request(
-    kind: MsgType,
-    xid: u32,
-    mac: [u8; 6],
-    requested: Option<(Ipv4Addr, Ipv4Addr)>,
-    hostname: &str,
-) -> Vec<u8> {
+pub fn encode(r: &Request) -> Vec<u8> {
     let mut p = vec![0u8; FIXED_LEN];
     p[0] = 1; // BOOTREQUEST
     p[1] = 1; // ethernet
     p[2] = 6;
-    p[4..8].copy_from_slice(&xid.to_be_bytes());
-    p[10] = 0x80; // BROADCAST flag
-    p[28..34].copy_from_slice(&mac);
+    p[4..8].copy_from_slice(&r.xid.to_be_bytes());
+    if r.broadcast {
+        p[10] = 0x80;
+    }
+    p[12..16].copy_from_slice(&r.ciaddr.octets());
+    p[28..34].copy_from_slice(&r.mac);
     p.extend_from_slice(&MAGIC);
-    p.extend_from_slice(&[53, 1, kind.code()]);
+    p.extend_from_slice(&[53, 1, r.kind.code()]);
     // Client identifier: type 1 (ethernet) + MAC.
     p.extend_from_slice(&[61, 7, 1]);
-    p.extend_from_slice(&mac);
-    if let Some((addr, server)) = requested {
+    p.extend_from_slice(&r.mac);
+    if let Some(addr) = r.requested {
         p.extend_from_slice(&[50, 4]);
         p.extend_from_slice(&addr.octets());
+    }
+    if let Some(server) = r.server_id {
         p.extend_from_slice(&[54, 4]);
         p.extend_from_slice(&server.octets());
     }
-    let host = hostname.as_bytes();
+    let host = r.hostname.as_bytes();
     if !host.is_empty() && host.len() < 64 {
         p.extend_from_slice(&[12, host.len() as u8]);
         p.extend_from_slice(host);
     }
-    // Parameter request list: mask, router, dns, hostname, domain, mtu, ntp, lease, T1, T2, server id.
-    p.extend_from_slice(&[55, 11, 1, 3, 6, 12, 15, 26, 42, 51, 58, 59, 54]);
+    // Parameter request list: mask, router, dns, hostname, domain, mtu,
+    // ntp, lease, T1, T2, server id, classless routes.
+    p.extend_from_slice(&[55, 12, 1, 3, 6, 12, 15, 26, 42, 51, 58, 59, 54, 121]);
     p.push(255);
     p
+}
+
+/// RFC 3442: `width, significant destination octets, router` repeated.
+/// Returns `None` for a malformed list (the whole option is then ignored,
+/// as the RFC asks).
+pub fn parse_classless_routes(mut d: &[u8]) -> Option<Vec<(Ipv4Addr, u8, Ipv4Addr)>> {
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let width = d[0];
+        if width > 32 {
+            return None;
+        }
+        let sig = usize::from(width).div_ceil(8);
+        let rest = d.get(1..1 + sig + 4)?;
+        let mut dst = [0u8; 4];
+        dst[..sig].copy_from_slice(&rest[..sig]);
+        out.push((Ipv4Addr::from(dst), width, ipv4(&rest[sig..sig + 4])));
+        d = &d[1 + sig + 4..];
+    }
+    Some(out)
 }
 
 fn ipv4(b: &[u8]) -> Ipv4Addr {
@@ -164,6 +209,11 @@ pub fn decode_reply(p: &[u8]) -> Result<Reply, DecodeError> {
         lease_secs: None,
         server_id: None,
         mtu: None,
+        hostname: None,
+        ntp: Vec::new(),
+        t1: None,
+        t2: None,
+        routes: Vec::new(),
     };
     let mut i = FIXED_LEN + 4;
     while i < p.len() {
@@ -196,6 +246,15 @@ pub fn decode_reply(p: &[u8]) -> Result<Reply, DecodeError> {
             }
             (54, 4) => r.server_id = Some(ipv4(data)),
             (26, 2) => r.mtu = Some(u16::from_be_bytes([data[0], data[1]])),
+            (12, l) if l > 0 => {
+                r.hostname = std::str::from_utf8(data)
+                    .ok()
+                    .map(|s| s.trim_end_matches('\0').to_string())
+            }
+            (42, l) if l >= 4 && l % 4 == 0 => r.ntp = data.chunks_exact(4).map(ipv4).collect(),
+            (58, 4) => r.t1 = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]])),
+            (59, 4) => r.t2 = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]])),
+            (121, _) => r.routes = parse_classless_routes(data).unwrap_or_default(),
             _ => {} // unknown or malformed-length options are ignored
         }
         i += 2 + len;
@@ -203,148 +262,9 @@ pub fn decode_reply(p: &[u8]) -> Result<Reply, DecodeError> {
     Ok(r)
 }
 
-/// A lease we got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    /// Our address.
-    pub address: Ipv4Addr,
-    /// Prefix length from the netmask.
-    pub prefix: u8,
-    /// Default gateway.
-    pub router: Option<Ipv4Addr>,
-    /// Resolvers.
-    pub dns: Vec<Ipv4Addr>,
-    /// Search domain.
-    pub domain: Option<String>,
-    /// Server identifier.
-    pub server: Ipv4Addr,
-    /// Lease time.
-    pub lease_secs: u32,
-}
-
 /// Netmask → prefix length (counts leading ones).
 pub fn prefix_len(mask: Ipv4Addr) -> u8 {
     u32::from(mask).leading_ones() as u8
-}
-
-fn random_xid() -> u32 {
-    let mut b = [0u8; 4];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    u32::from_ne_bytes(b) ^ (crate::timeline::boot_ms() as u32)
-}
-
-fn bind_socket(iface: &str) -> io::Result<UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;
-    sock.set_broadcast(true)?;
-    let name = iface.as_bytes();
-    // SAFETY: the fd is a valid socket; `name` points to `name.len()` bytes.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sock)
-}
-
-fn exchange(
-    sock: &UdpSocket,
-    packet: &[u8],
-    xid: u32,
-    want: MsgType,
-    wait: Duration,
-) -> io::Result<Option<Reply>> {
-    sock.send_to(packet, SocketAddrV4::new(Ipv4Addr::BROADCAST, 67))?;
-    let deadline = Instant::now() + wait;
-    let mut buf = [0u8; 1500];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        };
-        match decode_reply(&buf[..n]) {
-            Ok(r)
-                if r.xid == xid
-                    && (r.msg_type == Some(want) || r.msg_type == Some(MsgType::Nak)) =>
-            {
-                return Ok(Some(r))
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "ignoring DHCP packet"),
-        }
-    }
-    Ok(None)
-}
-
-/// Runs DISCOVER/OFFER/REQUEST/ACK until a lease is had, retransmitting with
-/// exponential backoff (1 s doubling to 16 s) plus jitter. Each attempt is
-/// bounded; the caller decides how long to keep trying.
-pub fn acquire(iface: &str, mac: [u8; 6], hostname: &str, attempts: u32) -> io::Result<Lease> {
-    let sock = bind_socket(iface)?;
-    let mut wait = Duration::from_secs(1);
-    for attempt in 1..=attempts {
-        let xid = random_xid();
-        let jitter = Duration::from_millis(u64::from(xid % 250));
-        let discover = encode_request(MsgType::Discover, xid, mac, None, hostname);
-        if let Some(offer) = exchange(&sock, &discover, xid, MsgType::Offer, wait + jitter)? {
-            if offer.msg_type == Some(MsgType::Offer) {
-                let server = offer.server_id.unwrap_or(Ipv4Addr::UNSPECIFIED);
-                let request = encode_request(
-                    MsgType::Request,
-                    xid,
-                    mac,
-                    Some((offer.yiaddr, server)),
-                    hostname,
-                );
-                match exchange(&sock, &request, xid, MsgType::Ack, wait + jitter)? {
-                    Some(ack) if ack.msg_type == Some(MsgType::Ack) => {
-                        return Ok(Lease {
-                            address: ack.yiaddr,
-                            prefix: ack.netmask.map_or(24, prefix_len),
-                            router: ack.router,
-                            dns: ack.dns,
-                            domain: ack.domain,
-                            server: ack.server_id.unwrap_or(server),
-                            lease_secs: ack.lease_secs.unwrap_or(3600),
-                        })
-                    }
-                    Some(_) => tracing::warn!(iface, attempt, "DHCP NAK; starting over"),
-                    None => tracing::warn!(iface, attempt, "no DHCP ACK"),
-                }
-            }
-        } else {
-            tracing::warn!(
-                iface,
-                attempt,
-                wait_ms = wait.as_millis() as u64,
-                "no DHCP offer yet"
-            );
-        }
-        wait = (wait * 2).min(Duration::from_secs(16));
-    }
-    Err(io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("no DHCP lease on {iface} after {attempts} attempts"),
-    ))
 }
 
 #[cfg(test)]
@@ -406,14 +326,17 @@ mod tests {
     }
 
     #[test]
-    fn encodes_a_request_with_server_id() {
-        let p = encode_request(
-            MsgType::Request,
-            0xdeadbeef,
-            [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-            Some((Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2))),
-            "node1",
-        );
+    fn encodes_a_selecting_request() {
+        let p = encode(&Request {
+            kind: MsgType::Request,
+            xid: 0xdeadbeef,
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            requested: Some(Ipv4Addr::new(10, 0, 2, 15)),
+            server_id: Some(Ipv4Addr::new(10, 0, 2, 2)),
+            broadcast: true,
+            hostname: "node1",
+        });
         assert_eq!(p[0], 1);
         assert_eq!(&p[4..8], &0xdeadbeefu32.to_be_bytes());
         assert_eq!(p[10], 0x80, "broadcast flag");
@@ -426,5 +349,58 @@ mod tests {
             .windows(7)
             .any(|w| w == [12, 5, b'n', b'o', b'd', b'e', b'1']));
         assert_eq!(*p.last().unwrap(), 255);
+    }
+
+    #[test]
+    fn encodes_a_renewing_request() {
+        let p = encode(&Request {
+            kind: MsgType::Request,
+            xid: 1,
+            mac: [2; 6],
+            ciaddr: Ipv4Addr::new(10, 0, 0, 9),
+            requested: None,
+            server_id: None,
+            broadcast: false,
+            hostname: "",
+        });
+        assert_eq!(p[10], 0, "no broadcast flag once we have an address");
+        assert_eq!(&p[12..16], &[10, 0, 0, 9], "ciaddr");
+        let opts = &p[FIXED_LEN + 4..];
+        assert!(
+            !opts.windows(2).any(|w| w == [50, 4]),
+            "no requested address"
+        );
+        assert!(!opts.windows(2).any(|w| w == [54, 4]), "no server id");
+    }
+
+    #[test]
+    fn classless_routes() {
+        // 0.0.0.0/0 via 10.0.0.1; 192.168.128.0/17 via 10.0.0.2; 10.0.0.0/8 via 10.0.0.3
+        let d = [
+            0, 10, 0, 0, 1, 17, 192, 168, 128, 10, 0, 0, 2, 8, 10, 10, 0, 0, 3,
+        ];
+        let r = parse_classless_routes(&d).unwrap();
+        assert_eq!(r[0], (Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(
+            r[1],
+            (
+                Ipv4Addr::new(192, 168, 128, 0),
+                17,
+                Ipv4Addr::new(10, 0, 0, 2)
+            )
+        );
+        assert_eq!(
+            r[2],
+            (Ipv4Addr::new(10, 0, 0, 0), 8, Ipv4Addr::new(10, 0, 0, 3))
+        );
+        assert_eq!(
+            parse_classless_routes(&[33, 1, 2, 3, 4, 5, 6, 7, 8]),
+            None,
+            "width > 32"
+        );
+        assert_eq!(parse_classless_routes(&[24, 10, 0]), None, "truncated");
+        for n in 0..d.len() {
+            let _ = parse_classless_routes(&d[..n]);
+        }
     }
 }

@@ -1,0 +1,418 @@
+//! Runs a [`Client`] on one interface: a UDP socket on port 68 bound to the
+//! device (broadcast replies reach it before we have an address; unicast
+//! ones after), the client's timers, and leases applied with netlink.
+
+use super::client::{Action, Client, Config, Dest, Lease};
+use crate::net::link::Netlink;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+fn bind_socket(iface: &str) -> io::Result<UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;
+    sock.set_broadcast(true)?;
+    let name = iface.as_bytes();
+    // SAFETY: the fd is a valid socket; `name` points to `name.len()` bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b) ^ crate::timeline::boot_ms()
+}
+
+/// Applies a lease: address, MTU, routes (option 121, else the router as
+/// default route). Leftovers of a different previous lease are removed.
+pub fn apply(
+    nl: &Netlink,
+    index: u32,
+    lease: &Lease,
+    previous: Option<&Lease>,
+) -> Result<(), String> {
+    if let Some(p) = previous.filter(|p| p.address != lease.address || p.prefix != lease.prefix) {
+        nl.del_address(index, IpAddr::V4(p.address), p.prefix)
+            .map_err(|e| e.to_string())?;
+    }
+    nl.add_address(index, IpAddr::V4(lease.address), lease.prefix)
+        .map_err(|e| e.to_string())?;
+    if let Some(mtu) = lease.mtu {
+        nl.set_mtu(index, u32::from(mtu))
+            .map_err(|e| e.to_string())?;
+    }
+    if lease.routes.is_empty() {
+        if let Some(gw) = lease.router {
+            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw)
+                .map_err(|e| e.to_string())?;
+        }
+    } else {
+        for (dst, len, gw) in &lease.routes {
+            nl.add_route(*dst, *len, *gw).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs DHCP on `iface` forever. Every applied lease (the first, renewals,
+/// a new one after expiry) is sent on `leases`.
+pub fn run(iface: String, index: u32, mac: [u8; 6], hostname: String, leases: Sender<Lease>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        if let Err(e) = run_once(&iface, index, mac, &hostname, &leases) {
+            tracing::error!(iface = %iface, error = %e, retry_s = delay.as_secs(), "DHCP client stopped; restarting it");
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn run_once(
+    iface: &str,
+    index: u32,
+    mac: [u8; 6],
+    hostname: &str,
+    leases: &Sender<Lease>,
+) -> io::Result<()> {
+    drive(iface, index, mac, hostname, leases, None)
+}
+
+/// The client loop; returns at `until` (tests) or never.
+fn drive(
+    iface: &str,
+    index: u32,
+    mac: [u8; 6],
+    hostname: &str,
+    leases: &Sender<Lease>,
+    until: Option<Instant>,
+) -> io::Result<()> {
+    let sock = bind_socket(iface)?;
+    let nl = Netlink::new().map_err(io::Error::other)?;
+    let cfg = Config {
+        mac,
+        hostname: hostname.to_string(),
+    };
+    let mut client = Client::new(cfg, None, Instant::now(), seed());
+    let mut buf = [0u8; 1500];
+    loop {
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(());
+        }
+        let actions = client.on_timer(Instant::now());
+        perform(&sock, &nl, index, iface, actions, leases);
+        let mut wait = client
+            .deadline()
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        if let Some(u) = until {
+            wait = wait.min(
+                u.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        sock.set_read_timeout(Some(wait))?;
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let actions = client.on_packet(&buf[..n], Instant::now());
+                perform(&sock, &nl, index, iface, actions, leases);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn perform(
+    sock: &UdpSocket,
+    nl: &Netlink,
+    index: u32,
+    iface: &str,
+    actions: Vec<Action>,
+    leases: &Sender<Lease>,
+) {
+    for a in actions {
+        match a {
+            Action::Send(p, dest) => {
+                let to = match dest {
+                    Dest::Broadcast => Ipv4Addr::BROADCAST,
+                    Dest::Unicast(ip) => ip,
+                };
+                if let Err(e) = sock.send_to(&p, SocketAddrV4::new(to, 67)) {
+                    tracing::warn!(iface, to = %to, error = %e, "DHCP send failed");
+                }
+            }
+            Action::Bind { lease, previous } => {
+                match apply(nl, index, &lease, previous.as_ref()) {
+                    Ok(()) => tracing::info!(
+                        iface,
+                        address = %format!("{}/{}", lease.address, lease.prefix),
+                        router = ?lease.router,
+                        routes = lease.routes.len(),
+                        dns = ?lease.dns,
+                        server = %lease.server,
+                        lease_s = lease.lease_secs,
+                        t1_s = lease.t1_secs,
+                        t2_s = lease.t2_secs,
+                        "DHCP lease applied"
+                    ),
+                    Err(e) => tracing::error!(iface, error = %e, "applying the DHCP lease failed"),
+                }
+                let _ = leases.send(lease);
+            }
+            Action::Unbind(lease) => {
+                tracing::warn!(iface, address = %lease.address, "DHCP lease lost: removing the address");
+                if let Err(e) = nl.del_address(index, IpAddr::V4(lease.address), lease.prefix) {
+                    tracing::error!(iface, error = %e, "removing the address failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real dnsmasq, in two network namespaces joined by a veth
+    //! (nothing touches the host's network). Needs root, dnsmasq and ip.
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    struct Lab {
+        ns: String,
+        dir: std::path::PathBuf,
+        dnsmasq: Option<Child>,
+    }
+
+    impl Lab {
+        fn ip(args: &[&str]) {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        }
+
+        fn new() -> Lab {
+            let ns = format!("cdhcp{}", std::process::id());
+            let dir = std::env::temp_dir().join(format!("cairn-dhcp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let (s, c) = (format!("{ns}s"), format!("{ns}c"));
+            Lab::ip(&["netns", "add", &s]);
+            Lab::ip(&["netns", "add", &c]);
+            Lab::ip(&[
+                "-n", &s, "link", "add", "dh-s", "type", "veth", "peer", "name", "dh-c", "netns",
+                &c,
+            ]);
+            Lab::ip(&["-n", &s, "addr", "add", "10.99.0.1/24", "dev", "dh-s"]);
+            Lab::ip(&["-n", &s, "link", "set", "dh-s", "up"]);
+            Lab::ip(&["-n", &c, "link", "set", "dh-c", "up"]);
+            Lab::ip(&["-n", &c, "link", "set", "lo", "up"]);
+            Lab {
+                ns,
+                dir,
+                dnsmasq: None,
+            }
+        }
+
+        fn start_dnsmasq(&mut self, range: &str, extra: &[&str]) {
+            if let Some(mut d) = self.dnsmasq.take() {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
+            let log = std::fs::File::create(self.dir.join("dnsmasq.log")).unwrap();
+            let child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &format!("{}s", self.ns),
+                    "dnsmasq",
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                ])
+                .args([
+                    "--interface=dh-s",
+                    "--bind-interfaces",
+                    "--port=0",
+                    "--log-dhcp",
+                    "--no-ping",
+                ])
+                .arg(format!("--dhcp-range={range},255.255.255.0,2m"))
+                .arg(format!(
+                    "--dhcp-leasefile={}",
+                    self.dir.join("leases").display()
+                ))
+                .args([
+                    "--dhcp-option=option:router,10.99.0.1",
+                    "--dhcp-option=option:dns-server,10.99.0.53",
+                ])
+                .args([
+                    "--dhcp-option=option:mtu,1400",
+                    "--dhcp-option=option:T1,3",
+                    "--dhcp-option=option:T2,6",
+                ])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("dnsmasq");
+            self.dnsmasq = Some(child);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+
+        fn client_ns(&self) -> String {
+            format!("{}c", self.ns)
+        }
+
+        fn show(&self, what: &[&str]) -> String {
+            let o = Command::new("ip")
+                .args(["-n", &self.client_ns()])
+                .args(what)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        }
+
+        /// Starts the real client in the client namespace for `secs`.
+        fn spawn_client(
+            &self,
+            secs: u64,
+        ) -> (
+            std::thread::JoinHandle<()>,
+            std::sync::mpsc::Receiver<Lease>,
+        ) {
+            let path = format!("/run/netns/{}", self.client_ns());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::File::open(&path).unwrap();
+                // SAFETY: valid netns fd; affects only this thread.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let nl = Netlink::new().unwrap();
+                let index = nl.index_of("dh-c").unwrap();
+                let mac = nl
+                    .links()
+                    .unwrap()
+                    .into_iter()
+                    .find(|l| l.index == index)
+                    .unwrap()
+                    .mac
+                    .unwrap();
+                let until = Instant::now() + Duration::from_secs(secs);
+                drive("dh-c", index, mac, "lab-node", &tx, Some(until)).unwrap();
+            });
+            (t, rx)
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            if let Some(mut d) = self.dnsmasq.take() {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
+            for n in [format!("{}s", self.ns), format!("{}c", self.ns)] {
+                let _ = Command::new("ip").args(["netns", "del", &n]).status();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn can_run() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP: DHCP host test needs root (network namespaces)");
+            return false;
+        }
+        if !std::path::Path::new("/usr/sbin/dnsmasq").exists() {
+            println!("SKIP: dnsmasq not installed (make deps)");
+            return false;
+        }
+        true
+    }
+
+    #[test]
+    fn lease_options_renewal_and_nak_against_dnsmasq() {
+        if !can_run() {
+            return;
+        }
+        let mut lab = Lab::new();
+        lab.start_dnsmasq(
+            "10.99.0.50,10.99.0.59",
+            &["--dhcp-option=121,10.200.0.0/16,10.99.0.254,0.0.0.0/0,10.99.0.1"],
+        );
+        // One client for the whole test, as on a node.
+        let (client, rx) = lab.spawn_client(20);
+        let mut leases = Vec::new();
+        // T1 = 3 s: it binds, then renews (unicast to the server id).
+        while leases.len() < 2 {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(l) => leases.push(l),
+                Err(_) => break,
+            }
+        }
+        let log = std::fs::read_to_string(lab.dir.join("dnsmasq.log")).unwrap();
+        assert!(leases.len() >= 2, "bound and renewed: {leases:?}\n{log}");
+        let l = leases[0].clone();
+        let octets = l.address.octets();
+        assert!(
+            octets[..3] == [10, 99, 0] && (50..=59).contains(&octets[3]),
+            "{l:?}"
+        );
+        assert_eq!(
+            (l.prefix, l.mtu, l.t1_secs, l.t2_secs),
+            (24, Some(1400), 3, 6)
+        );
+        assert_eq!(l.dns, vec![Ipv4Addr::new(10, 99, 0, 53)]);
+        assert_eq!(l.router, None, "option 121 present: option 3 ignored");
+        assert_eq!(leases[1].address, l.address, "renewal keeps the address");
+        let addrs = lab.show(&["-4", "addr", "show", "dh-c"]);
+        assert!(addrs.contains(&format!("{}/24", l.address)), "{addrs}");
+        assert!(lab.show(&["link", "show", "dh-c"]).contains("mtu 1400"));
+        let routes = lab.show(&["-4", "route"]);
+        assert!(routes.contains("10.200.0.0/16 via 10.99.0.254"), "{routes}");
+        assert!(routes.contains("default via 10.99.0.1"), "{routes}");
+        assert!(log.matches("DHCPACK(dh-s)").count() >= 2, "{log}");
+
+        // The server comes back authoritative for another range: the next
+        // renewal is refused (NAK), the old address goes, a new lease comes.
+        lab.start_dnsmasq("10.99.0.150,10.99.0.159", &["--dhcp-authoritative"]);
+        let mut moved = None;
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(15)) {
+            if (150..=159).contains(&l.address.octets()[3]) {
+                moved = Some(l);
+                break;
+            }
+        }
+        let log = std::fs::read_to_string(lab.dir.join("dnsmasq.log")).unwrap();
+        let moved =
+            moved.unwrap_or_else(|| panic!("no lease in the new range after the NAK\n{log}"));
+        assert_eq!(moved.address.octets()[..3], [10, 99, 0]);
+        assert!(log.contains("DHCPNAK"), "{log}");
+        let addrs = lab.show(&["-4", "addr", "show", "dh-c"]);
+        assert!(
+            !addrs.contains(&format!("{}/24", l.address)),
+            "old address removed: {addrs}"
+        );
+        assert!(addrs.contains(&format!("{}/24", moved.address)), "{addrs}");
+        drop(rx);
+        client.join().unwrap();
+    }
+}
