@@ -184,7 +184,7 @@ impl Workload for Container {
         Ok(msg)
     }
 
-    fn start(&self, net: &mut WorkloadNet, dns: &[String]) -> Result<Started, String> {
+    fn start(&self, net: &mut WorkloadNet) -> Result<Started, String> {
         let img = self
             .image
             .lock()
@@ -224,7 +224,9 @@ impl Workload for Container {
                 prefix: net.prefix(),
                 gateway: net.gateway().to_string(),
             }),
-            dns: dns.to_vec(),
+            // The node's responder on the bridge: workload names, then the
+            // node's own resolvers.
+            dns: vec![net.gateway().to_string()],
         };
         self.setup_cgroup()?;
         let spec_path = dir.join("spec.json");

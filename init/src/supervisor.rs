@@ -515,7 +515,7 @@ impl<'a> Supervisor<'a> {
             }
             return;
         }
-        match WorkloadNet::new(subnet) {
+        match WorkloadNet::new(subnet, self.boot.uplink.lease.dns.clone()) {
             Ok(n) => {
                 self.boot.net = Some(n);
                 self.boot.net_error = None;
@@ -572,6 +572,12 @@ impl<'a> Supervisor<'a> {
             }
         }
         self.publish_ports(&desired);
+        if let Some(net) = self.boot.net.as_mut() {
+            let names: Vec<&str> = desired.iter().map(|w| w.name()).collect();
+            if let Err(e) = net.publish_names(&names) {
+                tracing::error!(error = %e, "workload names not published");
+            }
+        }
         self.boot.manifest = Some(m);
     }
 
@@ -727,17 +733,7 @@ impl<'a> Supervisor<'a> {
             };
             return;
         };
-        match s.w.start(
-            net,
-            &self
-                .boot
-                .uplink
-                .lease
-                .dns
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>(),
-        ) {
+        match s.w.start(net) {
             Ok(st) => {
                 tracing::info!(workload = %name, kind = s.w.kind(), pid = st.pid, address = %st.address, "started");
                 timeline::mark(

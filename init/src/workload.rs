@@ -30,7 +30,7 @@ pub trait Workload: Send + Sync {
     /// Returns a one-line summary.
     fn prepare(&self) -> Result<String, String>;
     /// Starts the process.
-    fn start(&self, net: &mut WorkloadNet, dns: &[String]) -> Result<Started, String>;
+    fn start(&self, net: &mut WorkloadNet) -> Result<Started, String>;
     /// Kills everything that belongs to it, at once (kept for a restart).
     fn kill(&self);
     /// Kills it and removes its state: it is being removed or replaced.

@@ -450,20 +450,26 @@ impl Scenario {
         })
     }
 
-    /// The demo manifest at `version`, with extra TOML appended.
+    /// The demo manifest at `version`: `web` (published on 8080) and `peer`
+    /// (not published), with extra TOML appended to `web`.
     pub fn manifest(&self, version: u64, extra: &str) -> String {
         format!(
             r#"node = "{NODE}"
 version = {version}
 
 [[container]]
+name = "peer"
+image = {{ registry = "{r}", repository = "demo/hello", digest = "{d}", insecure = true }}
+
+[[container]]
 name = "web"
-image = {{ registry = "{}", repository = "demo/hello", digest = "{}", insecure = true }}
+image = {{ registry = "{r}", repository = "demo/hello", digest = "{d}", insecure = true }}
 port = [{{ host = 8080, container = 80 }}]
 restart = "always"
 {extra}
 "#,
-            self.registry, self.digest
+            r = self.registry,
+            d = self.digest
         )
     }
 

@@ -86,6 +86,15 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         "outbound NAT from the container"
     );
 
+    // Name discovery: web reaches peer by its name through the node's DNS
+    // responder on the bridge (peer has no published port).
+    let (code, body) = sc
+        .net
+        .http_get(&format!("http://{node_ip}:8080/fetch?to=peer:80/"))?;
+    println!("web -> peer by name: {code} {}", body.trim());
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("host=peer"), "{body}");
+
     // cairnctl nodes shows the node and its workload.
     let nodes = run(sc
         .net

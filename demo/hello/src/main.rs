@@ -4,8 +4,8 @@
 //! It exists to prove that a node pulled and started an image, that requests
 //! reach it (the instance id tells restarts apart) and that PID 1 restarts a
 //! workload that exits (`GET /exit` makes it exit with status 3).
-//! `GET /fetch?to=IP:PORT/PATH` makes an outbound HTTP request and returns
-//! what came back, which proves the workload network's outbound NAT.
+//! `GET /fetch?to=HOST:PORT/PATH` makes an outbound HTTP request and returns
+//! what came back, which proves outbound NAT and name resolution.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -101,12 +101,17 @@ fn route(state: &State, method: &str, target: &str) -> Response {
     }
 }
 
-/// A plain HTTP/1.0 GET to `host:port/path`; returns the response body.
+/// A plain HTTP/1.0 GET to `host:port/path` (host is a name or an IP);
+/// returns the response body.
 fn fetch(to: &str) -> io::Result<String> {
+    use std::net::ToSocketAddrs;
     let (hostport, path) = to.split_once('/').unwrap_or((to, ""));
-    let addr: std::net::SocketAddr = hostport
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "want IP:PORT/PATH"))?;
+    let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{hostport} has no address"),
+        )
+    })?;
     let mut s = TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     write!(s, "GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;

@@ -2,13 +2,14 @@
 //! one IPAM, a veth per container, published ports).
 
 pub mod dhcp;
+pub mod dns;
 pub mod link;
 pub mod nft;
 pub mod proxy;
 
 use link::{NetError, Netlink};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 /// The node's uplink as configured.
 #[derive(Debug, Clone)]
@@ -138,6 +139,7 @@ pub const BRIDGE: &str = "cairn0";
 /// One bridge and one address plan for every workload.
 pub struct WorkloadNet {
     subnet: String,
+    names: dns::Table,
     nl: Netlink,
     bridge: u32,
     network: Ipv4Addr,
@@ -148,8 +150,10 @@ pub struct WorkloadNet {
 }
 
 impl WorkloadNet {
-    /// Creates the bridge with the first address of `subnet`, enables forwarding.
-    pub fn new(subnet: &str) -> Result<WorkloadNet, String> {
+    /// Creates the bridge with the first address of `subnet`, enables
+    /// forwarding, and starts the DNS responder on the bridge address
+    /// (relaying other names to `upstream`, the node's resolvers).
+    pub fn new(subnet: &str, upstream: Vec<Ipv4Addr>) -> Result<WorkloadNet, String> {
         let (net, prefix) = cairn_manifest::parse_ipv4_cidr(subnet)
             .ok_or_else(|| format!("bad workload subnet {subnet:?}"))?;
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
@@ -164,8 +168,12 @@ impl WorkloadNet {
             tracing::warn!(error = %e, "could not enable IPv4 forwarding");
         }
         tracing::info!(bridge = BRIDGE, gateway = %gw, prefix, "workload network up");
+        let names = dns::Table::default();
+        dns::serve(SocketAddrV4::new(gw, 53), names.clone(), upstream)
+            .map_err(|e| format!("workload DNS responder on {gw}:53: {e}"))?;
         Ok(WorkloadNet {
             subnet: subnet.to_string(),
+            names,
             nl,
             bridge,
             network,
@@ -188,6 +196,16 @@ impl WorkloadNet {
     /// The subnet as configured.
     pub fn subnet(&self) -> &str {
         &self.subnet
+    }
+
+    /// Makes exactly `names` resolvable (allocating their addresses).
+    pub fn publish_names(&mut self, names: &[&str]) -> Result<(), String> {
+        let mut table = std::collections::BTreeMap::new();
+        for n in names {
+            table.insert(n.to_string(), self.address_of(n)?.0);
+        }
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = table;
+        Ok(())
     }
 
     /// Prefix length of the workload subnet.
