@@ -3,7 +3,79 @@
 //! Malformed values are named in an error and the default is used instead:
 //! a typo on an iPXE line must not leave a node unbootable.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
+
+/// Static uplink configuration from the kernel's `ip=` syntax:
+/// `ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticIp {
+    /// Our address.
+    pub address: Ipv4Addr,
+    /// Prefix length (from the netmask; /24 when empty).
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Addr>,
+    /// Interface (empty = the first NIC).
+    pub device: Option<String>,
+    /// Resolvers.
+    pub dns: Vec<Ipv4Addr>,
+}
+
+fn parse_ip(value: &str) -> Result<Option<StaticIp>, String> {
+    match value {
+        "" | "dhcp" | "on" | "any" | "off" | "none" => return Ok(None),
+        _ => {}
+    }
+    let f: Vec<&str> = value.split(':').collect();
+    let addr = |i: usize, what: &str| -> Result<Option<Ipv4Addr>, String> {
+        match f.get(i).copied().unwrap_or("") {
+            "" => Ok(None),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{what} {v:?} is not an IPv4 address")),
+        }
+    };
+    let address = addr(0, "client address")?.ok_or("no client address (first field)")?;
+    let gateway = addr(2, "gateway")?;
+    let prefix = match addr(3, "netmask")? {
+        None => 24,
+        Some(m) => {
+            let bits = u32::from(m);
+            if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                return Err(format!("netmask {m} is not contiguous"));
+            }
+            bits.leading_ones() as u8
+        }
+    };
+    let device = f.get(5).filter(|d| !d.is_empty()).map(|d| d.to_string());
+    if device
+        .as_ref()
+        .is_some_and(|d| d.len() > 15 || d.contains('/'))
+    {
+        return Err("device is not an interface name".into());
+    }
+    match f.get(6).copied().unwrap_or("") {
+        "" | "off" | "none" => {}
+        other => {
+            return Err(format!(
+                "autoconf {other:?}: only a static configuration (off/none) is read from ip="
+            ))
+        }
+    }
+    let dns = [addr(7, "dns0")?, addr(8, "dns1")?]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Some(StaticIp {
+        address,
+        prefix,
+        gateway,
+        device,
+        dns,
+    }))
+}
 
 /// Settings taken from `/proc/cmdline`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +90,8 @@ pub struct Config {
     pub poll: Duration,
     /// Interface to run DHCP on (`cairn.iface=eth0`); default: first NIC.
     pub iface: Option<String>,
+    /// Static configuration from `ip=` (None: DHCP).
+    pub static_ip: Option<StaticIp>,
 }
 
 impl Default for Config {
@@ -28,6 +102,7 @@ impl Default for Config {
             trust: Vec::new(),
             poll: Duration::from_secs(5),
             iface: None,
+            static_ip: None,
         }
     }
 }
@@ -113,6 +188,10 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                     errors.push(err(key, value, "not an interface name"));
                 }
             }
+            "ip" => match parse_ip(value) {
+                Ok(v) => cfg.static_ip = v,
+                Err(reason) => errors.push(err(key, value, &reason)),
+            },
             k if k.starts_with("cairn.") => errors.push(err(key, value, "unknown cairn option")),
             _ => {}
         }
@@ -155,6 +234,43 @@ mod tests {
         );
         assert!(e[1].to_string().contains("Bad_Name"), "{}", e[1]);
         assert!(e[1].to_string().contains("using the default"));
+    }
+
+    #[test]
+    fn static_ip_syntax() {
+        let (c, e) = parse("ip=10.77.0.20::10.77.0.1:255.255.255.0:n1:eth0:off:10.77.0.53");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            c.static_ip,
+            Some(StaticIp {
+                address: Ipv4Addr::new(10, 77, 0, 20),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 77, 0, 1)),
+                device: Some("eth0".into()),
+                dns: vec![Ipv4Addr::new(10, 77, 0, 53)],
+            })
+        );
+        let (c, _) = parse("ip=192.0.2.9::::::");
+        assert_eq!(
+            c.static_ip.map(|s| (s.prefix, s.gateway, s.device)),
+            Some((24, None, None))
+        );
+        for v in ["dhcp", "off", "none", ""] {
+            let (c, e) = parse(&format!("ip={v}"));
+            assert!(c.static_ip.is_none() && e.is_empty(), "{v}");
+        }
+        for bad in [
+            "ip=10.0.0",
+            "ip=10.0.0.1::gw",
+            "ip=10.0.0.1:::255.0.255.0",
+            "ip=10.0.0.1::::::dhcp",
+            "ip=:::::eth0",
+        ] {
+            let (c, e) = parse(bad);
+            assert!(c.static_ip.is_none(), "{bad}");
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(e[0].to_string().contains("using the default"), "{}", e[0]);
+        }
     }
 
     #[test]

@@ -127,6 +127,8 @@ struct Boot {
     boot_id: String,
     net: Option<WorkloadNet>,
     net_error: Option<String>,
+    /// For reading the uplink's addresses into the status.
+    nl: net::link::Netlink,
     proxies: Proxies,
     /// Survives a restart of the reconcile loop: forgetting it would let an
     /// older (still valid) manifest be applied after a panic.
@@ -152,8 +154,8 @@ pub fn run_forever(
     }
     let (trust, trust_errors) = load_trust(&cfg);
     let hostname = cfg.node.clone().unwrap_or_else(|| "cairn".into());
-    let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname);
-    let addr = format!("{}/{}", uplink.lease.address, uplink.lease.prefix);
+    let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname, cfg.static_ip.as_ref());
+    let addr = format!("{}/{}", uplink.address, uplink.prefix);
     timeline::mark("address", &format!("{} has {addr}", uplink.iface));
     let node = cfg.node.clone().unwrap_or_else(|| {
         format!(
@@ -190,6 +192,15 @@ pub fn run_forever(
             .unwrap_or_default(),
         net: None,
         net_error: None,
+        nl: loop {
+            match net::link::Netlink::new() {
+                Ok(nl) => break nl,
+                Err(e) => {
+                    tracing::error!(error = %e, "netlink unavailable; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        },
         proxies: Proxies::default(),
         applied: None,
         manifest: None,
@@ -515,7 +526,7 @@ impl<'a> Supervisor<'a> {
             }
             return;
         }
-        match WorkloadNet::new(subnet, self.boot.uplink.lease.dns.clone()) {
+        match WorkloadNet::new(subnet, self.boot.uplink.dns.clone()) {
             Ok(n) => {
                 self.boot.net = Some(n);
                 self.boot.net_error = None;
@@ -933,14 +944,22 @@ impl<'a> Supervisor<'a> {
                 "error": format!("{kind} workloads are not supported by this build yet"),
             }));
         }
-        let lease = &self.boot.uplink.lease;
+        let up = &self.boot.uplink;
+        // The primary IPv4 address first; then whatever else the link has
+        // (SLAAC IPv6 from the kernel, link-local, other leases).
+        let primary = format!("{}/{}", up.address, up.prefix);
+        let mut addresses = vec![primary.clone()];
+        if let Ok(all) = self.boot.nl.addresses(up.index) {
+            addresses.extend(all.into_iter().filter(|a| *a != primary));
+        }
         json!({
             "node": self.boot.node,
             "boot_id": self.boot.boot_id,
             "uptime_ms": timeline::boot_ms(),
             "clock": now_unix(),
             "hub": self.boot.hub,
-            "addresses": [format!("{}/{}", lease.address, lease.prefix)],
+            "addresses": addresses,
+            "addressing": up.source,
             "interface": self.boot.uplink.iface,
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),

@@ -505,11 +505,16 @@ restart = "always"
         Ok(())
     }
 
-    /// Boots the node.
+    /// Boots the node (DHCP).
     pub fn boot(&mut self) -> Result<()> {
+        self.boot_with("")
+    }
+
+    /// Boots the node with extra kernel arguments.
+    pub fn boot_with(&mut self, extra: &str) -> Result<()> {
         // `cairn.colour` is a deliberate typo: the node must name it and go on.
         let append = format!(
-            "console=ttyS0 panic=-1 cairn.hub={} cairn.node={NODE} cairn.poll=1 cairn.colour=blue",
+            "console=ttyS0 panic=-1 cairn.hub={} cairn.node={NODE} cairn.poll=1 cairn.colour=blue {extra}",
             self.hub
         );
         let (kernel, initrd) = (self.kernel.clone(), self.initrd.clone());

@@ -301,3 +301,40 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
     sc.net.check_alive()?;
     Ok(())
 }
+
+/// A node on a network without DHCP: the kernel's `ip=` syntax gives it a
+/// static address, and everything else works as with DHCP.
+#[test]
+fn static_ip_from_the_kernel_command_line() -> Result<()> {
+    let inp = match inputs() {
+        Ok(i) => i,
+        Err(reason) => {
+            println!("SKIP: {reason}");
+            return Ok(());
+        }
+    };
+    let mut sc = Scenario::setup(&inp)?;
+    let v1 = sc.sign("v1", &sc.manifest(1, ""))?;
+    sc.publish(NODE, &v1)?;
+    sc.boot_with("ip=10.77.0.20::10.77.0.1:255.255.255.0:static-node:eth0:off")?;
+    sc.net.wait_until(
+        "the container to answer (status)",
+        Duration::from_secs(180),
+        || Ok(workload(&sc.status()?, "web").is_some_and(|w| w["answering"] == true)),
+    )?;
+    let st = sc.status()?;
+    println!("addresses: {} ({})", st["addresses"], st["addressing"]);
+    assert_eq!(st["addresses"][0], "10.77.0.20/24");
+    assert_eq!(st["addressing"], "static");
+    let all = st["addresses"].to_string();
+    assert!(
+        all.contains("fe80::"),
+        "IPv6 (link-local) is on and reported: {all}"
+    );
+    let (code, body) = sc.net.http_get("http://10.77.0.20:8080/")?;
+    assert_eq!(code, 200, "{body}");
+    // No DHCP traffic came from this node.
+    let dhcp_log = std::fs::read_to_string(sc.net.dir.path().join("dnsmasq.log"))?;
+    assert!(!dhcp_log.contains("52:54:00:77:00:10"), "{dhcp_log}");
+    Ok(())
+}

@@ -117,6 +117,31 @@ impl Netlink {
         }
     }
 
+    /// Every address on a link, as `addr/prefix` text.
+    pub fn addresses(&self, index: u32) -> Result<Vec<String>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let msgs: Vec<_> = self
+            .rt
+            .block_on(
+                self.handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute()
+                    .try_collect(),
+            )
+            .map_err(req(format!("list addresses of link {index}")))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(format!("{ip}/{}", m.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// Removes an address; a missing one is fine.
     pub fn del_address(&self, index: u32, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
         use rtnetlink::packet_route::address::AddressAttribute;

@@ -7,6 +7,7 @@ pub mod link;
 pub mod nft;
 pub mod proxy;
 
+use crate::cmdline::StaticIp;
 use link::{NetError, Netlink};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -16,10 +17,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 pub struct NodeNet {
     /// Interface name.
     pub iface: String,
+    /// Its index.
+    pub index: u32,
     /// Its MAC.
     pub mac: [u8; 6],
-    /// The lease applied to it.
-    pub lease: dhcp::Lease,
+    /// Address (the first lease's, for DHCP).
+    pub address: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Resolvers.
+    pub dns: Vec<Ipv4Addr>,
+    /// `dhcp` or `static`.
+    pub source: &'static str,
 }
 
 /// The first MAC-bearing, non-virtual link (or the named one).
@@ -40,10 +49,15 @@ pub fn pick_uplink(nl: &Netlink, want: Option<&str>) -> Result<link::LinkInfo, N
 /// keeps running: renewals, rebinding, expiry) and waits for the first
 /// lease. Retries forever with backoff: a node without a network cannot do
 /// anything useful, but it must not stop trying either.
-pub fn bring_up_uplink(want: Option<&str>, hostname: &str) -> NodeNet {
+pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&StaticIp>) -> NodeNet {
+    let want = fixed.and_then(|f| f.device.as_deref()).or(want);
     let mut delay = std::time::Duration::from_secs(1);
     let up = loop {
-        match prepare_uplink(want) {
+        let r = prepare_uplink(want).and_then(|up| match fixed {
+            Some(f) => apply_static(&up, f).map(|()| up),
+            None => Ok(up),
+        });
+        match r {
             Ok(up) => break up,
             Err(e) => {
                 tracing::error!(error = %e, retry_s = delay.as_secs(), "node network not up yet");
@@ -53,6 +67,21 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str) -> NodeNet {
         }
     };
     let mac = up.mac.unwrap_or_default();
+    if let Some(f) = fixed {
+        if let Err(e) = write_resolv_conf(&f.dns, None) {
+            tracing::error!(error = %e, "writing /etc/resolv.conf failed");
+        }
+        tracing::info!(iface = %up.name, address = %format!("{}/{}", f.address, f.prefix), gateway = ?f.gateway, dns = ?f.dns, "static address applied (ip=)");
+        return NodeNet {
+            iface: up.name,
+            index: up.index,
+            mac,
+            address: f.address,
+            prefix: f.prefix,
+            dns: f.dns.clone(),
+            source: "static",
+        };
+    }
     tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), "uplink up, starting DHCP");
     let (tx, rx) = std::sync::mpsc::channel::<dhcp::Lease>();
     let (name, index, host) = (up.name.clone(), up.index, hostname.to_string());
@@ -86,9 +115,24 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str) -> NodeNet {
         });
     NodeNet {
         iface: up.name,
+        index: up.index,
         mac,
-        lease: first,
+        address: first.address,
+        prefix: first.prefix,
+        dns: first.dns,
+        source: "dhcp",
     }
+}
+
+fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
+    let nl = Netlink::new().map_err(|e| e.to_string())?;
+    nl.add_address(up.index, IpAddr::V4(f.address), f.prefix)
+        .map_err(|e| e.to_string())?;
+    if let Some(gw) = f.gateway {
+        nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn write_resolv_conf_logged(l: &dhcp::Lease) {
