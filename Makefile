@@ -15,7 +15,7 @@ TOOLS := $(CARGO_TARGET_DIR)/debug
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
-	qemu-system-x86 qemu-utils dnsmasq-base docker-registry musl-tools cpio \
+	qemu-system-x86 qemu-utils dnsmasq-base docker-registry musl-tools cpio busybox-static \
 	xz-utils zstd iproute2 nftables python3 curl ca-certificates
 
 .PHONY: all deps kernel init tools image demo-image run test unit e2e lint bench clean
@@ -71,11 +71,13 @@ test: image demo-image
 	  cargo test --workspace -- --nocapture --test-threads=1 2>&1 | tee $(OUT)/test.log; \
 	rc=$$?; scripts/test-summary.sh $(OUT)/test.log; exit $$rc
 
-# Boot timeline medians and image sizes (CAIRN_BENCH_RUNS, default 5).
-# Later work adds side-by-side peers (udhcpc, crun, runc) here.
+# Boot timeline medians and image sizes (CAIRN_BENCH_RUNS, default 5), and
+# DHCP beside busybox udhcpc (CAIRN_BENCH_DHCP_RUNS, default 20).
 bench: image demo-image
 	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
 	  cargo run -q -p cairn-e2e --bin bench-boot
+	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
+	  cargo run -q -p cairn-e2e --bin bench-dhcp
 
 lint:
 	cargo fmt --all -- --check

@@ -17,12 +17,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("container-shim") if args.len() == 3 => shim::main(&args[2]),
+        Some("dhcp-once") if args.len() == 3 => net::dhcp::driver::once_main(&args[2]),
         Some("--version") => println!("cairn-init {}", env!("CARGO_PKG_VERSION")),
         _ if std::process::id() == 1 => pid1::main(),
         _ => {
             eprintln!(
                 "cairn-init is the PID 1 of a cairn node: boot it as /init in the initramfs.\n\
-                 Subcommands (used internally): container-shim SPEC"
+                 Subcommands: dhcp-once IFACE (one DHCP lease, then exit), container-shim SPEC (internal)"
             );
             std::process::exit(2);
         }

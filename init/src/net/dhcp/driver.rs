@@ -90,7 +90,40 @@ fn run_once(
     hostname: &str,
     leases: &Sender<Lease>,
 ) -> io::Result<()> {
-    drive(iface, index, mac, hostname, leases, None)
+    drive(iface, index, mac, hostname, leases, None, false)
+}
+
+/// `cairn-init dhcp-once IFACE`: acquire and apply one lease, then exit
+/// (0 = bound, 1 = none within 30 s). For measuring beside udhcpc and for
+/// debugging a network by hand.
+pub fn once_main(iface: &str) -> ! {
+    let r = (|| -> Result<Lease, String> {
+        let nl = Netlink::new().map_err(|e| e.to_string())?;
+        let index = nl.index_of(iface).map_err(|e| e.to_string())?;
+        nl.set_up(index).map_err(|e| e.to_string())?;
+        let mac = nl
+            .links()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|l| l.index == index)
+            .and_then(|l| l.mac)
+            .ok_or(format!("{iface} has no MAC address"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let until = Instant::now() + Duration::from_secs(30);
+        drive(iface, index, mac, "cairn", &tx, Some(until), true).map_err(|e| e.to_string())?;
+        rx.try_recv()
+            .map_err(|_| format!("no DHCP lease on {iface} within 30 s"))
+    })();
+    match r {
+        Ok(l) => {
+            println!("{}/{} from {}", l.address, l.prefix, l.server);
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("cairn-init dhcp-once: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// The client loop; returns at `until` (tests) or never.
@@ -101,6 +134,7 @@ fn drive(
     hostname: &str,
     leases: &Sender<Lease>,
     until: Option<Instant>,
+    first_only: bool,
 ) -> io::Result<()> {
     let sock = bind_socket(iface)?;
     let nl = Netlink::new().map_err(io::Error::other)?;
@@ -115,7 +149,9 @@ fn drive(
             return Ok(());
         }
         let actions = client.on_timer(Instant::now());
-        perform(&sock, &nl, index, iface, actions, leases);
+        if perform(&sock, &nl, index, iface, actions, leases) && first_only {
+            return Ok(());
+        }
         let mut wait = client
             .deadline()
             .saturating_duration_since(Instant::now())
@@ -130,7 +166,9 @@ fn drive(
         match sock.recv(&mut buf) {
             Ok(n) => {
                 let actions = client.on_packet(&buf[..n], Instant::now());
-                perform(&sock, &nl, index, iface, actions, leases);
+                if perform(&sock, &nl, index, iface, actions, leases) && first_only {
+                    return Ok(());
+                }
             }
             Err(e)
                 if matches!(
@@ -149,7 +187,8 @@ fn perform(
     iface: &str,
     actions: Vec<Action>,
     leases: &Sender<Lease>,
-) {
+) -> bool {
+    let mut bound = false;
     for a in actions {
         match a {
             Action::Send(p, dest) => {
@@ -177,6 +216,7 @@ fn perform(
                     ),
                     Err(e) => tracing::error!(iface, error = %e, "applying the DHCP lease failed"),
                 }
+                bound = true;
                 let _ = leases.send(lease);
             }
             Action::Unbind(lease) => {
@@ -187,6 +227,7 @@ fn perform(
             }
         }
     }
+    bound
 }
 
 #[cfg(test)]
@@ -316,7 +357,7 @@ mod tests {
                     .mac
                     .unwrap();
                 let until = Instant::now() + Duration::from_secs(secs);
-                drive("dh-c", index, mac, "lab-node", &tx, Some(until)).unwrap();
+                drive("dh-c", index, mac, "lab-node", &tx, Some(until), false).unwrap();
             });
             (t, rx)
         }
