@@ -39,6 +39,8 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     /// Has a kind (bridge, veth, ...) rather than being a plain NIC.
     pub virtual_kind: bool,
+    /// Carrier (IFF_LOWER_UP).
+    pub carrier: bool,
 }
 
 /// Blocking netlink handle.
@@ -77,6 +79,26 @@ impl Netlink {
             .block_on(self.handle.link().get().execute().try_collect())
             .map_err(req("list links"))?;
         Ok(msgs.into_iter().map(link_info).collect())
+    }
+
+    /// Whether a link has carrier.
+    pub fn carrier(&self, index: u32) -> Result<bool, NetError> {
+        let msgs: Vec<LinkMessage> = self
+            .rt
+            .block_on(
+                self.handle
+                    .link()
+                    .get()
+                    .match_index(index)
+                    .execute()
+                    .try_collect(),
+            )
+            .map_err(req(format!("get link {index}")))?;
+        Ok(msgs
+            .into_iter()
+            .next()
+            .map(link_info)
+            .is_some_and(|l| l.carrier))
     }
 
     /// A link's index by name.
@@ -263,6 +285,10 @@ fn link_info(m: LinkMessage) -> LinkInfo {
         name: String::new(),
         mac: None,
         virtual_kind: false,
+        carrier: m
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::LowerUp),
     };
     for a in m.attributes {
         match a {

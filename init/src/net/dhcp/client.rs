@@ -272,6 +272,18 @@ impl Client {
         out
     }
 
+    /// Carrier came back: verify the address we hold with INIT-REBOOT (we
+    /// may be on another network now) instead of trusting it or starting
+    /// from scratch. Without a lease, start a fresh DISCOVER at once.
+    pub fn on_carrier_up(&mut self, now: Instant) {
+        self.state = match self.lease() {
+            Some(l) => State::InitReboot { address: l.address },
+            None => State::Selecting,
+        };
+        self.attempt = 0;
+        self.deadline = now;
+    }
+
     /// Time passed: (re)transmit, or move on when a timer ran out.
     pub fn on_timer(&mut self, now: Instant) -> Vec<Action> {
         if now < self.deadline {
@@ -317,8 +329,16 @@ impl Client {
             }
             State::InitReboot { address } => {
                 if self.attempt >= REBOOT_TRIES {
-                    // Nobody confirmed the old address: start over. (RFC
-                    // 2131 allows keeping it; a node on a new network must not.)
+                    // Nobody answered. With an unexpired lease (carrier
+                    // flap, server briefly away) keep it, as RFC 2131 allows,
+                    // and go on renewing at T1; without one, start over.
+                    if self.lease.is_some() {
+                        tracing::warn!("no answer to INIT-REBOOT: keeping the unexpired lease");
+                        self.state = State::Bound;
+                        self.attempt = 0;
+                        self.deadline = now;
+                        return self.on_timer(now);
+                    }
                     return self.restart_init(now);
                 }
                 if self.attempt == 0 {
@@ -595,6 +615,40 @@ mod tests {
         let _ = c.on_timer(c.deadline());
         assert_eq!(c.state(), &State::Selecting);
         let _ = now;
+    }
+
+    #[test]
+    fn carrier_return_verifies_the_address_with_init_reboot() {
+        let (mut c, now) = bound();
+        let later = now + Duration::from_secs(2);
+        c.on_carrier_up(later);
+        let (p, dest) = sent(&c.on_timer(later));
+        assert_eq!(c.state(), &State::InitReboot { address: ME });
+        assert_eq!(dest, Dest::Broadcast);
+        assert!(
+            p.windows(6).any(|w| w == [50, 4, 10, 0, 0, 50]),
+            "asks for the held address"
+        );
+        let a = c.on_packet(&reply(xid_of(&p), 5, ME, ACK_OPTS), later);
+        assert!(matches!(&a[0], Action::Bind { lease, previous: None } if lease.address == ME));
+        assert_eq!(c.state(), &State::Bound);
+        // Nobody answers: the unexpired lease is kept (no Unbind).
+        c.on_carrier_up(later);
+        let a1 = c.on_timer(later);
+        let a2 = c.on_timer(c.deadline());
+        let a3 = c.on_timer(c.deadline());
+        assert!(![a1, a2, a3]
+            .concat()
+            .iter()
+            .any(|a| matches!(a, Action::Unbind(_))));
+        assert_eq!(c.state(), &State::Bound);
+        assert!(c.lease().is_some());
+        // On another network: NAK, the old address goes, DISCOVER again.
+        c.on_carrier_up(later);
+        let p = sent(&c.on_timer(later)).0;
+        let a = c.on_packet(&reply(xid_of(&p), 6, Ipv4Addr::UNSPECIFIED, &[]), later);
+        assert!(matches!(&a[0], Action::Unbind(l) if l.address == ME));
+        assert_eq!(c.state(), &State::Selecting);
     }
 
     #[test]

@@ -144,7 +144,18 @@ fn drive(
     };
     let mut client = Client::new(cfg, None, Instant::now(), seed());
     let mut buf = [0u8; 1500];
+    let mut carrier = nl.carrier(index).unwrap_or(true);
     loop {
+        // Carrier is polled at least once a second (the waits below are
+        // capped): a link that comes back re-verifies its lease.
+        let now_carrier = nl.carrier(index).unwrap_or(carrier);
+        if now_carrier && !carrier {
+            tracing::info!(iface, "carrier back: verifying the lease (INIT-REBOOT)");
+            client.on_carrier_up(Instant::now());
+        } else if !now_carrier && carrier {
+            tracing::warn!(iface, "carrier lost");
+        }
+        carrier = now_carrier;
         if until.is_some_and(|u| Instant::now() >= u) {
             return Ok(());
         }
@@ -155,7 +166,7 @@ fn drive(
         let mut wait = client
             .deadline()
             .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
+            .clamp(Duration::from_millis(1), Duration::from_secs(1));
         if let Some(u) = until {
             wait = wait.min(
                 u.saturating_duration_since(Instant::now())
@@ -250,8 +261,11 @@ mod tests {
         }
 
         fn new() -> Lab {
-            let ns = format!("cdhcp{}", std::process::id());
-            let dir = std::env::temp_dir().join(format!("cairn-dhcp-{}", std::process::id()));
+            // Unique per lab: tests in one process run in parallel.
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ns = format!("cdhcp{}x{n}", std::process::id());
+            let dir = std::env::temp_dir().join(format!("cairn-dhcp-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let (s, c) = (format!("{ns}s"), format!("{ns}c"));
@@ -303,11 +317,7 @@ mod tests {
                     "--dhcp-option=option:router,10.99.0.1",
                     "--dhcp-option=option:dns-server,10.99.0.53",
                 ])
-                .args([
-                    "--dhcp-option=option:mtu,1400",
-                    "--dhcp-option=option:T1,3",
-                    "--dhcp-option=option:T2,6",
-                ])
+                .arg("--dhcp-option=option:mtu,1400")
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
@@ -397,7 +407,11 @@ mod tests {
         let mut lab = Lab::new();
         lab.start_dnsmasq(
             "10.99.0.50,10.99.0.59",
-            &["--dhcp-option=121,10.200.0.0/16,10.99.0.254,0.0.0.0/0,10.99.0.1"],
+            &[
+                "--dhcp-option=121,10.200.0.0/16,10.99.0.254,0.0.0.0/0,10.99.0.1",
+                "--dhcp-option=option:T1,3",
+                "--dhcp-option=option:T2,6",
+            ],
         );
         // One client for the whole test, as on a node.
         let (client, rx) = lab.spawn_client(20);
@@ -434,7 +448,14 @@ mod tests {
 
         // The server comes back authoritative for another range: the next
         // renewal is refused (NAK), the old address goes, a new lease comes.
-        lab.start_dnsmasq("10.99.0.150,10.99.0.159", &["--dhcp-authoritative"]);
+        lab.start_dnsmasq(
+            "10.99.0.150,10.99.0.159",
+            &[
+                "--dhcp-authoritative",
+                "--dhcp-option=option:T1,3",
+                "--dhcp-option=option:T2,6",
+            ],
+        );
         let mut moved = None;
         while let Ok(l) = rx.recv_timeout(Duration::from_secs(15)) {
             if (150..=159).contains(&l.address.octets()[3]) {
@@ -453,6 +474,40 @@ mod tests {
             "old address removed: {addrs}"
         );
         assert!(addrs.contains(&format!("{}/24", moved.address)), "{addrs}");
+        drop(rx);
+        client.join().unwrap();
+    }
+
+    /// Carrier lost and back: the client re-verifies its lease with
+    /// INIT-REBOOT at once (T1 is 100 s away, so no renewal can explain a
+    /// new ACK) and keeps its address.
+    #[test]
+    fn carrier_return_reverifies_the_lease() {
+        if !can_run() {
+            return;
+        }
+        let mut lab = Lab::new();
+        lab.start_dnsmasq("10.99.0.60,10.99.0.69", &["--dhcp-option=option:T1,100"]);
+        let (client, rx) = lab.spawn_client(12);
+        let first = rx
+            .recv_timeout(Duration::from_secs(6))
+            .expect("first lease");
+        std::thread::sleep(Duration::from_millis(500));
+        let s = format!("{}s", lab.ns);
+        Lab::ip(&["-n", &s, "link", "set", "dh-s", "down"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        Lab::ip(&["-n", &s, "link", "set", "dh-s", "up"]);
+        let again = rx.recv_timeout(Duration::from_secs(6));
+        let log = std::fs::read_to_string(lab.dir.join("dnsmasq.log")).unwrap();
+        let again =
+            again.unwrap_or_else(|_| panic!("no INIT-REBOOT after carrier returned\n{log}"));
+        assert_eq!(again.address, first.address, "the same address, verified");
+        assert_eq!(
+            log.matches("DHCPDISCOVER").count(),
+            1,
+            "no new DISCOVER: {log}"
+        );
+        assert!(log.matches("DHCPACK(dh-s)").count() >= 2, "{log}");
         drop(rx);
         client.join().unwrap();
     }
