@@ -952,6 +952,16 @@ impl<'a> Supervisor<'a> {
         if let Ok(all) = self.boot.nl.addresses(up.index) {
             addresses.extend(all.into_iter().filter(|a| *a != primary));
         }
+        let interfaces: Vec<Value> = up
+            .links
+            .iter()
+            .map(|(name, index)| {
+                json!({
+                    "name": name,
+                    "addresses": self.boot.nl.addresses(*index).unwrap_or_default(),
+                })
+            })
+            .collect();
         json!({
             "node": self.boot.node,
             "boot_id": self.boot.boot_id,
@@ -960,6 +970,7 @@ impl<'a> Supervisor<'a> {
             "hub": self.boot.hub,
             "addresses": addresses,
             "addressing": up.source,
+            "interfaces": interfaces,
             "interface": self.boot.uplink.iface,
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),

@@ -149,8 +149,10 @@ impl TestNet {
         ipn(&["link", "add", "br0", "type", "bridge"])?;
         ipn(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
         ipn(&["link", "set", "br0", "up"])?;
-        ipn(&["tuntap", "add", "tap0", "mode", "tap"])?;
-        ipn(&["link", "set", "tap0", "master", "br0", "up"])?;
+        for tap in ["tap0", "tap1"] {
+            ipn(&["tuntap", "add", tap, "mode", "tap"])?;
+            ipn(&["link", "set", tap, "master", "br0", "up"])?;
+        }
         Ok(net)
     }
 
@@ -259,7 +261,10 @@ impl TestNet {
         .arg("-append")
         .arg(append)
         .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"]);
+        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"])
+        // A second NIC on the same network: DHCP runs on both.
+        .args(["-netdev", "tap,id=n1,ifname=tap1,script=no,downscript=no"])
+        .args(["-device", "virtio-net-pci,netdev=n1,mac=52:54:00:77:00:11"]);
         self.start("qemu", c)
     }
 

@@ -54,6 +54,22 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         println!("  {} {}", p["phase"].as_str().unwrap_or("?"), p["ms"]);
     }
 
+    // Both NICs got a lease (DHCP runs on every link, in parallel).
+    sc.net.wait_until(
+        "both NICs to have an IPv4 lease",
+        Duration::from_secs(30),
+        || {
+            let st = sc.status()?;
+            let ifs = st["interfaces"].as_array().cloned().unwrap_or_default();
+            let leased = ifs
+                .iter()
+                .filter(|i| i["addresses"].to_string().contains("10.77.0."))
+                .count();
+            Ok(ifs.len() == 2 && leased == 2)
+        },
+    )?;
+    println!("interfaces: {}", sc.status()?["interfaces"]);
+
     // A malformed command-line value is named in the status; boot went on.
     let errors = st["errors"].to_string();
     assert!(

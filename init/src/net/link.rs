@@ -204,11 +204,19 @@ impl Netlink {
             .map_err(req(format!("set MTU {mtu} on link {index}")))
     }
 
-    /// Adds an IPv4 route (`0.0.0.0/0` = default); an existing one is fine.
-    pub fn add_route(&self, dst: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<(), NetError> {
+    /// Adds an IPv4 route (`0.0.0.0/0` = default) with a metric; an existing
+    /// one is fine.
+    pub fn add_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+        metric: u32,
+    ) -> Result<(), NetError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
             .gateway(gateway)
+            .priority(metric)
             .build();
         match self.rt.block_on(self.handle.route().add(msg).execute()) {
             Err(e) if is_exists(&e) => Ok(()),

@@ -29,36 +29,48 @@ pub struct NodeNet {
     pub dns: Vec<Ipv4Addr>,
     /// `dhcp` or `static`.
     pub source: &'static str,
+    /// Every uplink in use: (name, index).
+    pub links: Vec<(String, u32)>,
 }
 
-/// The first MAC-bearing, non-virtual link (or the named one).
-pub fn pick_uplink(nl: &Netlink, want: Option<&str>) -> Result<link::LinkInfo, NetError> {
+/// Every MAC-bearing, non-virtual link (the uplink candidates), by index;
+/// or only the named one.
+pub fn pick_uplinks(nl: &Netlink, want: Option<&str>) -> Result<Vec<link::LinkInfo>, NetError> {
     let mut links = nl.links()?;
     links.sort_by_key(|l| l.index);
-    links
+    let ups: Vec<_> = links
         .into_iter()
-        .find(|l| match want {
-            Some(w) => l.name == w,
-            None => l.name != "lo" && l.mac.is_some() && !l.virtual_kind,
-        })
         .filter(|l| l.mac.is_some())
-        .ok_or_else(|| NetError::NoLink(want.unwrap_or("<first ethernet NIC>").to_string()))
+        .filter(|l| match want {
+            Some(w) => l.name == w,
+            None => l.name != "lo" && !l.virtual_kind,
+        })
+        .collect();
+    if ups.is_empty() {
+        return Err(NetError::NoLink(
+            want.unwrap_or("<any ethernet NIC>").to_string(),
+        ));
+    }
+    Ok(ups)
 }
 
-/// Brings up loopback and the uplink, starts the DHCP client on it (which
-/// keeps running: renewals, rebinding, expiry) and waits for the first
-/// lease. Retries forever with backoff: a node without a network cannot do
-/// anything useful, but it must not stop trying either.
+/// Brings up loopback and the uplinks. With a static `ip=`, configures its
+/// device (or the first NIC). Otherwise starts a DHCP client on every NIC
+/// (or only `cairn.iface=`) in parallel, each keeping its lease for the
+/// node's life, their default routes ordered by metric (100, 101, … in
+/// ifindex order), and waits for the first lease. Retries forever with
+/// backoff: a node without a network cannot do anything useful, but it must
+/// not stop trying either.
 pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&StaticIp>) -> NodeNet {
     let want = fixed.and_then(|f| f.device.as_deref()).or(want);
     let mut delay = std::time::Duration::from_secs(1);
-    let up = loop {
-        let r = prepare_uplink(want).and_then(|up| match fixed {
-            Some(f) => apply_static(&up, f).map(|()| up),
-            None => Ok(up),
+    let ups = loop {
+        let r = prepare_uplinks(want).and_then(|ups| match fixed {
+            Some(f) => apply_static(&ups[0], f).map(|()| ups),
+            None => Ok(ups),
         });
         match r {
-            Ok(up) => break up,
+            Ok(ups) => break ups,
             Err(e) => {
                 tracing::error!(error = %e, retry_s = delay.as_secs(), "node network not up yet");
                 std::thread::sleep(delay);
@@ -66,62 +78,85 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
             }
         }
     };
-    let mac = up.mac.unwrap_or_default();
     if let Some(f) = fixed {
-        if let Err(e) = write_resolv_conf(&f.dns, None) {
-            tracing::error!(error = %e, "writing /etc/resolv.conf failed");
-        }
+        let up = &ups[0];
+        write_resolv_conf_logged(&f.dns, None);
         tracing::info!(iface = %up.name, address = %format!("{}/{}", f.address, f.prefix), gateway = ?f.gateway, dns = ?f.dns, "static address applied (ip=)");
         return NodeNet {
-            iface: up.name,
+            iface: up.name.clone(),
             index: up.index,
-            mac,
+            mac: up.mac.unwrap_or_default(),
             address: f.address,
             prefix: f.prefix,
             dns: f.dns.clone(),
             source: "static",
+            links: vec![(up.name.clone(), up.index)],
         };
     }
-    tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), "uplink up, starting DHCP");
-    let (tx, rx) = std::sync::mpsc::channel::<dhcp::Lease>();
-    let (name, index, host) = (up.name.clone(), up.index, hostname.to_string());
-    let _ = std::thread::Builder::new()
-        .name(format!("dhcp-{name}"))
-        .spawn(move || dhcp::driver::run(name, index, mac, host, tx));
-    let first = loop {
+    let links: Vec<(String, u32)> = ups.iter().map(|u| (u.name.clone(), u.index)).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, dhcp::Lease)>();
+    for (n, up) in ups.iter().enumerate() {
+        let mac = up.mac.unwrap_or_default();
+        let metric = 100 + n as u32;
+        tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), metric, "uplink up, starting DHCP");
+        let (ltx, lrx) = std::sync::mpsc::channel::<dhcp::Lease>();
+        let (name, index, host) = (up.name.clone(), up.index, hostname.to_string());
+        let _ = std::thread::Builder::new()
+            .name(format!("dhcp-{name}"))
+            .spawn(move || dhcp::driver::run(name, index, mac, metric, host, ltx));
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("dhcp-fwd{n}"))
+            .spawn(move || lrx.into_iter().for_each(|l| drop(tx.send((n, l)))));
+    }
+    drop(tx);
+    let (n, first) = loop {
         match rx.recv_timeout(std::time::Duration::from_secs(10)) {
-            Ok(l) => break l,
+            Ok(x) => break x,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                tracing::warn!(iface = %up.name, "still waiting for a DHCP lease")
+                tracing::warn!(links = ?links, "still waiting for a DHCP lease")
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                tracing::error!(iface = %up.name, "DHCP client thread is gone");
+                tracing::error!("every DHCP client thread is gone");
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
         }
     };
-    write_resolv_conf_logged(&first);
-    // Later leases (renewals, a new lease after expiry) may change resolvers.
-    let mut last = first.dns.clone();
+    // Resolvers of every link, in metric order; rewritten when any changes.
+    let mut dns_by_link = std::collections::BTreeMap::new();
+    dns_by_link.insert(n, first.dns.clone());
+    write_resolv_conf_logged(&merged_dns(&dns_by_link), first.domain.as_deref());
     let _ = std::thread::Builder::new()
         .name("dhcp-dns".into())
         .spawn(move || {
-            for l in rx {
-                if l.dns != last {
-                    write_resolv_conf_logged(&l);
-                    last = l.dns.clone();
+            for (n, l) in rx {
+                if dns_by_link.get(&n) != Some(&l.dns) {
+                    dns_by_link.insert(n, l.dns.clone());
+                    write_resolv_conf_logged(&merged_dns(&dns_by_link), l.domain.as_deref());
                 }
             }
         });
+    let up = &ups[n];
     NodeNet {
-        iface: up.name,
+        iface: up.name.clone(),
         index: up.index,
-        mac,
+        mac: up.mac.unwrap_or_default(),
         address: first.address,
         prefix: first.prefix,
         dns: first.dns,
         source: "dhcp",
+        links,
     }
+}
+
+fn merged_dns(by_link: &std::collections::BTreeMap<usize, Vec<Ipv4Addr>>) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = Vec::new();
+    for d in by_link.values().flatten() {
+        if !v.contains(d) {
+            v.push(*d);
+        }
+    }
+    v
 }
 
 fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
@@ -129,25 +164,27 @@ fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
     nl.add_address(up.index, IpAddr::V4(f.address), f.prefix)
         .map_err(|e| e.to_string())?;
     if let Some(gw) = f.gateway {
-        nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw)
+        nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw, 100)
             .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
-fn write_resolv_conf_logged(l: &dhcp::Lease) {
-    if let Err(e) = write_resolv_conf(&l.dns, l.domain.as_deref()) {
+fn write_resolv_conf_logged(dns: &[Ipv4Addr], domain: Option<&str>) {
+    if let Err(e) = write_resolv_conf(dns, domain) {
         tracing::error!(error = %e, "writing /etc/resolv.conf failed");
     }
 }
 
-fn prepare_uplink(want: Option<&str>) -> Result<link::LinkInfo, String> {
+fn prepare_uplinks(want: Option<&str>) -> Result<Vec<link::LinkInfo>, String> {
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     let lo = nl.index_of("lo").map_err(|e| e.to_string())?;
     nl.set_up(lo).map_err(|e| e.to_string())?;
-    let up = pick_uplink(&nl, want).map_err(|e| e.to_string())?;
-    nl.set_up(up.index).map_err(|e| e.to_string())?;
-    Ok(up)
+    let ups = pick_uplinks(&nl, want).map_err(|e| e.to_string())?;
+    for up in &ups {
+        nl.set_up(up.index).map_err(|e| e.to_string())?;
+    }
+    Ok(ups)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

@@ -9,25 +9,59 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
+/// A UDP socket on port 68 that only sees `iface`'s packets. The device
+/// binding and SO_REUSEADDR are set before bind(2), so one client per NIC
+/// can each hold port 68 (a plain bind would fail with EADDRINUSE).
 fn bind_socket(iface: &str) -> io::Result<UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;
-    sock.set_broadcast(true)?;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is checked and owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
     let name = iface.as_bytes();
-    // SAFETY: the fd is a valid socket; `name` points to `name.len()` bytes.
+    let set = |opt: libc::c_int, ptr: *const libc::c_void, len: usize| -> io::Result<()> {
+        // SAFETY: `ptr` points to `len` readable bytes for the call.
+        let rc =
+            unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, ptr, len as libc::socklen_t) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(
+        libc::SO_REUSEADDR,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>(),
+    )?;
+    set(
+        libc::SO_BROADCAST,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>(),
+    )?;
+    set(libc::SO_BINDTODEVICE, name.as_ptr().cast(), name.len())?;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 68u16.to_be(),
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_in for the given length.
     let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(sock)
+    Ok(UdpSocket::from(owned))
 }
 
 fn seed() -> u64 {
@@ -40,10 +74,12 @@ fn seed() -> u64 {
 }
 
 /// Applies a lease: address, MTU, routes (option 121, else the router as
-/// default route). Leftovers of a different previous lease are removed.
+/// default route) with the link's route `metric` (so several uplinks have
+/// an order). Leftovers of a different previous lease are removed.
 pub fn apply(
     nl: &Netlink,
     index: u32,
+    metric: u32,
     lease: &Lease,
     previous: Option<&Lease>,
 ) -> Result<(), String> {
@@ -59,38 +95,36 @@ pub fn apply(
     }
     if lease.routes.is_empty() {
         if let Some(gw) = lease.router {
-            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw)
+            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw, metric)
                 .map_err(|e| e.to_string())?;
         }
     } else {
         for (dst, len, gw) in &lease.routes {
-            nl.add_route(*dst, *len, *gw).map_err(|e| e.to_string())?;
+            nl.add_route(*dst, *len, *gw, metric)
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
 }
 
-/// Runs DHCP on `iface` forever. Every applied lease (the first, renewals,
-/// a new one after expiry) is sent on `leases`.
-pub fn run(iface: String, index: u32, mac: [u8; 6], hostname: String, leases: Sender<Lease>) {
+/// Runs DHCP on `iface` forever, its routes at `metric`. Every applied
+/// lease (the first, renewals, a new one after expiry) is sent on `leases`.
+pub fn run(
+    iface: String,
+    index: u32,
+    mac: [u8; 6],
+    metric: u32,
+    hostname: String,
+    leases: Sender<Lease>,
+) {
     let mut delay = Duration::from_secs(1);
     loop {
-        if let Err(e) = run_once(&iface, index, mac, &hostname, &leases) {
+        if let Err(e) = drive(&iface, index, mac, metric, &hostname, &leases, None, false) {
             tracing::error!(iface = %iface, error = %e, retry_s = delay.as_secs(), "DHCP client stopped; restarting it");
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(30));
     }
-}
-
-fn run_once(
-    iface: &str,
-    index: u32,
-    mac: [u8; 6],
-    hostname: &str,
-    leases: &Sender<Lease>,
-) -> io::Result<()> {
-    drive(iface, index, mac, hostname, leases, None, false)
 }
 
 /// `cairn-init dhcp-once IFACE`: acquire and apply one lease, then exit
@@ -110,7 +144,7 @@ pub fn once_main(iface: &str) -> ! {
             .ok_or(format!("{iface} has no MAC address"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let until = Instant::now() + Duration::from_secs(30);
-        drive(iface, index, mac, "cairn", &tx, Some(until), true).map_err(|e| e.to_string())?;
+        drive(iface, index, mac, 0, "cairn", &tx, Some(until), true).map_err(|e| e.to_string())?;
         rx.try_recv()
             .map_err(|_| format!("no DHCP lease on {iface} within 30 s"))
     })();
@@ -126,11 +160,14 @@ pub fn once_main(iface: &str) -> ! {
     }
 }
 
-/// The client loop; returns at `until` (tests) or never.
+/// The client loop; returns at `until`, after the first lease with
+/// `first_only`, or never.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     iface: &str,
     index: u32,
     mac: [u8; 6],
+    metric: u32,
     hostname: &str,
     leases: &Sender<Lease>,
     until: Option<Instant>,
@@ -160,7 +197,7 @@ fn drive(
             return Ok(());
         }
         let actions = client.on_timer(Instant::now());
-        if perform(&sock, &nl, index, iface, actions, leases) && first_only {
+        if perform(&sock, &nl, index, metric, iface, actions, leases) && first_only {
             return Ok(());
         }
         let mut wait = client
@@ -177,7 +214,7 @@ fn drive(
         match sock.recv(&mut buf) {
             Ok(n) => {
                 let actions = client.on_packet(&buf[..n], Instant::now());
-                if perform(&sock, &nl, index, iface, actions, leases) && first_only {
+                if perform(&sock, &nl, index, metric, iface, actions, leases) && first_only {
                     return Ok(());
                 }
             }
@@ -195,6 +232,7 @@ fn perform(
     sock: &UdpSocket,
     nl: &Netlink,
     index: u32,
+    metric: u32,
     iface: &str,
     actions: Vec<Action>,
     leases: &Sender<Lease>,
@@ -212,7 +250,7 @@ fn perform(
                 }
             }
             Action::Bind { lease, previous } => {
-                match apply(nl, index, &lease, previous.as_ref()) {
+                match apply(nl, index, metric, &lease, previous.as_ref()) {
                     Ok(()) => tracing::info!(
                         iface,
                         address = %format!("{}/{}", lease.address, lease.prefix),
@@ -367,7 +405,7 @@ mod tests {
                     .mac
                     .unwrap();
                 let until = Instant::now() + Duration::from_secs(secs);
-                drive("dh-c", index, mac, "lab-node", &tx, Some(until), false).unwrap();
+                drive("dh-c", index, mac, 100, "lab-node", &tx, Some(until), false).unwrap();
             });
             (t, rx)
         }
