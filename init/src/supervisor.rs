@@ -85,6 +85,48 @@ fn clock_floor(floor: u64, why: &str) {
     }
 }
 
+/// Asks the NTP servers in turn; steps the clock when it is more than a
+/// second off (never below `floor`). Returns the status entry.
+fn sync_time(servers: &[Ipv4Addr], floor: u64) -> Value {
+    if servers.is_empty() {
+        return Value::Null;
+    }
+    let mut errors = Vec::new();
+    for server in servers {
+        match net::sntp::query(*server) {
+            Ok(s) => {
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let stepped = match net::sntp::step_target(now_ms, s.offset_ms, floor) {
+                    Some(target) => {
+                        let tv = libc::timeval {
+                            tv_sec: (target / 1000) as _,
+                            tv_usec: ((target % 1000) * 1000) as _,
+                        };
+                        // SAFETY: valid timeval pointer; null timezone is allowed.
+                        let ok = unsafe { libc::settimeofday(&tv, std::ptr::null()) } == 0;
+                        tracing::warn!(server = %server, offset_ms = s.offset_ms, ok, "clock stepped by SNTP");
+                        ok
+                    }
+                    None => false,
+                };
+                tracing::info!(server = %server, offset_ms = s.offset_ms, delay_ms = s.delay_ms, stratum = s.stratum, "SNTP");
+                return json!({
+                    "server": server.to_string(),
+                    "offset_ms": s.offset_ms,
+                    "delay_ms": s.delay_ms,
+                    "stratum": s.stratum,
+                    "stepped": stepped,
+                });
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    tracing::warn!(errors = ?errors, "no NTP server answered; keeping the clock");
+    json!({ "error": errors.join("; ") })
+}
+
 fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
     let (all, errs) = TrustStore::load_dir(std::path::Path::new(TRUST_DIR));
     let mut errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
@@ -127,6 +169,8 @@ struct Boot {
     boot_id: String,
     net: Option<WorkloadNet>,
     net_error: Option<String>,
+    /// The last SNTP result, for the status.
+    time: Arc<std::sync::Mutex<Value>>,
     /// For reading the uplink's addresses into the status.
     nl: net::link::Netlink,
     proxies: Proxies,
@@ -147,11 +191,11 @@ pub fn run_forever(
     rx: Receiver<Event>,
     tx: Sender<Event>,
 ) {
-    if let Ok(text) = std::fs::read_to_string(BUILD_EPOCH) {
-        if let Ok(epoch) = text.trim().parse::<u64>() {
-            clock_floor(epoch, "image build time");
-        }
-    }
+    let build_epoch = std::fs::read_to_string(BUILD_EPOCH)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    clock_floor(build_epoch, "image build time");
     let (trust, trust_errors) = load_trust(&cfg);
     let hostname = cfg.node.clone().unwrap_or_else(|| "cairn".into());
     let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname, cfg.static_ip.as_ref());
@@ -168,6 +212,17 @@ pub fn run_forever(
         )
     });
     tracing::info!(node = %node, "node id");
+    // Time before the first manifest: its expiry is judged by this clock.
+    let time = Arc::new(std::sync::Mutex::new(sync_time(&uplink.ntp, build_epoch)));
+    if !uplink.ntp.is_empty() {
+        let (servers, time) = (uplink.ntp.clone(), time.clone());
+        let _ = std::thread::Builder::new()
+            .name("sntp".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1024));
+                *time.lock().unwrap_or_else(|e| e.into_inner()) = sync_time(&servers, build_epoch);
+            });
+    }
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
     match cfg.hub.clone() {
         Some(hub) => {
@@ -192,6 +247,7 @@ pub fn run_forever(
             .unwrap_or_default(),
         net: None,
         net_error: None,
+        time,
         nl: loop {
             match net::link::Netlink::new() {
                 Ok(nl) => break nl,
@@ -970,6 +1026,7 @@ impl<'a> Supervisor<'a> {
             "hub": self.boot.hub,
             "addresses": addresses,
             "addressing": up.source,
+            "time": *self.boot.time.lock().unwrap_or_else(|e| e.into_inner()),
             "interfaces": interfaces,
             "interface": self.boot.uplink.iface,
             "mac": net::fmt_mac(&self.boot.uplink.mac),

@@ -184,6 +184,7 @@ impl TestNet {
             "--port=0",
             "--dhcp-range=10.77.0.50,10.77.0.99,255.255.255.0,1h",
             "--dhcp-option=option:router,10.77.0.1",
+            "--dhcp-option=option:ntp-server,10.77.0.1",
             "--log-dhcp",
         ])
         .arg(format!(
@@ -195,6 +196,27 @@ impl TestNet {
             self.dir.path().join("dnsmasq.pid").display()
         ));
         self.start("dnsmasq", c)
+    }
+
+    /// Starts chronyd as the test network's NTP server (its clock control
+    /// off); false when chrony is not installed.
+    pub fn start_ntp(&mut self) -> Result<bool> {
+        if which("chronyd").is_none() {
+            return Ok(false);
+        }
+        let conf = self.dir.path().join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "allow all\nlocal stratum 8\nport 123\nbindaddress {}\ncmdport 0\npidfile {}\n",
+                self.host_ip,
+                self.dir.path().join("chronyd.pid").display()
+            ),
+        )?;
+        let mut c = self.cmd("chronyd");
+        c.args(["-x", "-d", "-f"]).arg(&conf);
+        self.start("chronyd", c)?;
+        Ok(true)
     }
 
     /// Starts Debian's docker-registry on the bridge address.

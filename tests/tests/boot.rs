@@ -25,6 +25,7 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         }
     };
     let mut sc = Scenario::setup(&inp)?;
+    let ntp = sc.net.start_ntp()?;
     let dir = sc.net.dir.path().to_path_buf();
     let v1 = sc.sign("v1", &sc.manifest(1, ""))?;
     sc.publish(NODE, &v1)?;
@@ -69,6 +70,16 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         },
     )?;
     println!("interfaces: {}", sc.status()?["interfaces"]);
+
+    // Time: the node asked the NTP server DHCP named (option 42).
+    if ntp {
+        let t = &sc.status()?["time"];
+        println!("SNTP at boot: {t}");
+        assert_eq!(t["server"], "10.77.0.1", "{t}");
+        assert_eq!(t["stratum"], 8, "{t}");
+    } else {
+        println!("SKIP: chronyd not installed, the node's SNTP is not checked end to end");
+    }
 
     // A malformed command-line value is named in the status; boot went on.
     let errors = st["errors"].to_string();

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod link;
 pub mod nft;
 pub mod proxy;
+pub mod sntp;
 
 use crate::cmdline::StaticIp;
 use link::{NetError, Netlink};
@@ -31,6 +32,8 @@ pub struct NodeNet {
     pub source: &'static str,
     /// Every uplink in use: (name, index).
     pub links: Vec<(String, u32)>,
+    /// NTP servers (DHCP option 42).
+    pub ntp: Vec<Ipv4Addr>,
 }
 
 /// Every MAC-bearing, non-virtual link (the uplink candidates), by index;
@@ -91,6 +94,7 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
             dns: f.dns.clone(),
             source: "static",
             links: vec![(up.name.clone(), up.index)],
+            ntp: Vec::new(),
         };
     }
     let links: Vec<(String, u32)> = ups.iter().map(|u| (u.name.clone(), u.index)).collect();
@@ -143,6 +147,7 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
         mac: up.mac.unwrap_or_default(),
         address: first.address,
         prefix: first.prefix,
+        ntp: first.ntp.clone(),
         dns: first.dns,
         source: "dhcp",
         links,
