@@ -68,7 +68,12 @@ fn now_unix() -> u64 {
 /// Never let the clock go below `floor` (unauthenticated time sources and
 /// dead RTC batteries must not make expired manifests look fresh... or
 /// fresh ones expired).
+/// The highest floor so far (build time, applied manifests' issue times):
+/// SNTP may never step the clock below it.
+static FLOOR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn clock_floor(floor: u64, why: &str) {
+    FLOOR.fetch_max(floor, std::sync::atomic::Ordering::SeqCst);
     if now_unix() < floor {
         let tv = libc::timeval {
             tv_sec: floor.min(i64::MAX as u64) as _,
@@ -87,7 +92,8 @@ fn clock_floor(floor: u64, why: &str) {
 
 /// Asks the NTP servers in turn; steps the clock when it is more than a
 /// second off (never below `floor`). Returns the status entry.
-fn sync_time(servers: &[Ipv4Addr], floor: u64) -> Value {
+fn sync_time(servers: &[Ipv4Addr]) -> Value {
+    let floor = FLOOR.load(std::sync::atomic::Ordering::SeqCst);
     if servers.is_empty() {
         return Value::Null;
     }
@@ -213,14 +219,14 @@ pub fn run_forever(
     });
     tracing::info!(node = %node, "node id");
     // Time before the first manifest: its expiry is judged by this clock.
-    let time = Arc::new(std::sync::Mutex::new(sync_time(&uplink.ntp, build_epoch)));
+    let time = Arc::new(std::sync::Mutex::new(sync_time(&uplink.ntp)));
     if !uplink.ntp.is_empty() {
         let (servers, time) = (uplink.ntp.clone(), time.clone());
         let _ = std::thread::Builder::new()
             .name("sntp".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_secs(1024));
-                *time.lock().unwrap_or_else(|e| e.into_inner()) = sync_time(&servers, build_epoch);
+                *time.lock().unwrap_or_else(|e| e.into_inner()) = sync_time(&servers);
             });
     }
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
@@ -582,7 +588,7 @@ impl<'a> Supervisor<'a> {
             }
             return;
         }
-        match WorkloadNet::new(subnet, self.boot.uplink.dns.clone()) {
+        match WorkloadNet::new(subnet, self.boot.uplink.resolvers.clone()) {
             Ok(n) => {
                 self.boot.net = Some(n);
                 self.boot.net_error = None;

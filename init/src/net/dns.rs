@@ -154,9 +154,61 @@ pub fn decide(p: &[u8], table: &BTreeMap<String, Ipv4Addr>) -> Reply {
     }
 }
 
-/// Serves on `listen` until the process ends.
-pub fn serve(listen: SocketAddrV4, table: Table, upstream: Vec<Ipv4Addr>) -> io::Result<()> {
+/// Resolvers the relay forwards to; the node updates them as leases change.
+pub type Upstream = Arc<RwLock<Vec<Ipv4Addr>>>;
+
+/// Relays in flight at most; beyond that, SERVFAIL at once (a workload
+/// flooding queries must not exhaust PID 1's threads and descriptors).
+const MAX_RELAYS: usize = 64;
+
+/// Who may ask: only workloads, `network/prefix`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clients {
+    /// Network address.
+    pub network: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Clients {
+    fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(a) & mask == u32::from(self.network) & mask
+    }
+}
+
+/// Serves on `listen` (bound to `device`, answering only `clients`) until
+/// the process ends. The listen address itself is never used as an
+/// upstream (a resolver list pointing at us would loop forever).
+pub fn serve(
+    listen: SocketAddrV4,
+    device: &str,
+    clients: Clients,
+    table: Table,
+    upstream: Upstream,
+) -> io::Result<()> {
     let sock = UdpSocket::bind(listen)?;
+    {
+        use std::os::fd::AsRawFd;
+        let name = device.as_bytes();
+        // SAFETY: valid socket fd; `name` points to `name.len()` bytes. Bound
+        // to the bridge, the responder cannot be reached from the uplink.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                name.as_ptr().cast(),
+                name.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let _ = std::thread::Builder::new()
         .name("dns".into())
         .spawn(move || {
@@ -165,6 +217,12 @@ pub fn serve(listen: SocketAddrV4, table: Table, upstream: Vec<Ipv4Addr>) -> io:
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
+                let SocketAddr::V4(from4) = from else {
+                    continue;
+                };
+                if !clients.contains(*from4.ip()) {
+                    continue; // not a workload: no open resolver, no reflection
+                }
                 let packet = buf[..n].to_vec();
                 let reply = decide(&packet, &table.read().unwrap_or_else(|e| e.into_inner()));
                 match reply {
@@ -172,20 +230,44 @@ pub fn serve(listen: SocketAddrV4, table: Table, upstream: Vec<Ipv4Addr>) -> io:
                         let _ = sock.send_to(&a, from);
                     }
                     Reply::Forward => {
-                        let (Ok(sock2), ups) = (sock.try_clone(), upstream.clone()) else {
-                            continue;
-                        };
-                        // One short-lived thread per relayed query keeps a slow
-                        // upstream from blocking answers for workload names.
-                        let _ = std::thread::Builder::new()
-                            .name("dns-fwd".into())
-                            .spawn(move || relay(&sock2, &packet, from, &ups));
+                        let ups: Vec<Ipv4Addr> = upstream
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                            .copied()
+                            .filter(|u| *u != *listen.ip() && !u.is_unspecified())
+                            .collect();
+                        let busy =
+                            in_flight.load(std::sync::atomic::Ordering::Relaxed) >= MAX_RELAYS;
+                        let sock2 = sock.try_clone();
+                        match (busy || ups.is_empty(), sock2) {
+                            (false, Ok(sock2)) => {
+                                in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let counter = in_flight.clone();
+                                // One short-lived thread per relayed query keeps a
+                                // slow upstream from blocking answers for workloads.
+                                let spawned = std::thread::Builder::new()
+                                    .name("dns-fwd".into())
+                                    .spawn(move || {
+                                        relay(&sock2, &packet, from, &ups);
+                                        counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                                    });
+                                if spawned.is_err() {
+                                    in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                            _ => {
+                                if let Ok(q) = parse_query(&packet) {
+                                    let _ = sock.send_to(&answer(&packet, &q, None, 2), from);
+                                }
+                            }
+                        }
                     }
                     Reply::Drop => {}
                 }
             }
         });
-    tracing::info!(listen = %listen, "workload DNS responder up");
+    tracing::info!(listen = %listen, device, "workload DNS responder up");
     Ok(())
 }
 
@@ -359,7 +441,12 @@ mod tests {
                 .unwrap()
                 .insert("web".into(), Ipv4Addr::new(10, 88, 0, 2));
             let listen = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 5353);
-            serve(listen, table, vec![Ipv4Addr::new(127, 0, 0, 53)]).unwrap();
+            let clients = Clients {
+                network: Ipv4Addr::new(127, 0, 0, 0),
+                prefix: 8,
+            };
+            let ups = Arc::new(RwLock::new(vec![Ipv4Addr::new(127, 0, 0, 53)]));
+            serve(listen, "lo", clients, table, ups).unwrap();
             let c = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut out = Vec::new();

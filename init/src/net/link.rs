@@ -204,24 +204,32 @@ impl Netlink {
             .map_err(req(format!("set MTU {mtu} on link {index}")))
     }
 
-    /// Adds an IPv4 route (`0.0.0.0/0` = default) with a metric; an existing
-    /// one is fine.
+    /// Sets an IPv4 route (`0.0.0.0/0` = default) out of link `index` at
+    /// `metric`, replacing one with the same destination and metric (so a
+    /// new router from a renewed lease takes effect). A 0.0.0.0 gateway
+    /// means the destination is on-link.
     pub fn add_route(
         &self,
+        index: u32,
         dst: Ipv4Addr,
         prefix: u8,
         gateway: Ipv4Addr,
         metric: u32,
     ) -> Result<(), NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
-            .gateway(gateway)
-            .priority(metric)
-            .build();
-        match self.rt.block_on(self.handle.route().add(msg).execute()) {
-            Err(e) if is_exists(&e) => Ok(()),
-            r => r.map_err(req(format!("add route {dst}/{prefix} via {gateway}"))),
+            .output_interface(index)
+            .priority(metric);
+        if gateway.is_unspecified() {
+            b = b.scope(rtnetlink::packet_route::route::RouteScope::Link);
+        } else {
+            b = b.gateway(gateway);
         }
+        self.rt
+            .block_on(self.handle.route().add(b.build()).replace().execute())
+            .map_err(req(format!(
+                "set route {dst}/{prefix} via {gateway} (metric {metric})"
+            )))
     }
 
     /// Adds the IPv4 default route; an existing one is fine.

@@ -26,14 +26,15 @@ pub struct NodeNet {
     pub address: Ipv4Addr,
     /// Prefix length.
     pub prefix: u8,
-    /// Resolvers.
-    pub dns: Vec<Ipv4Addr>,
     /// `dhcp` or `static`.
     pub source: &'static str,
     /// Every uplink in use: (name, index).
     pub links: Vec<(String, u32)>,
     /// NTP servers (DHCP option 42).
     pub ntp: Vec<Ipv4Addr>,
+    /// The node's resolvers (all links, merged), kept current as leases
+    /// change; the workload DNS relay forwards to these.
+    pub resolvers: dns::Upstream,
 }
 
 /// Every MAC-bearing, non-virtual link (the uplink candidates), by index;
@@ -91,10 +92,10 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
             mac: up.mac.unwrap_or_default(),
             address: f.address,
             prefix: f.prefix,
-            dns: f.dns.clone(),
             source: "static",
             links: vec![(up.name.clone(), up.index)],
             ntp: Vec::new(),
+            resolvers: std::sync::Arc::new(std::sync::RwLock::new(f.dns.clone())),
         };
     }
     let links: Vec<(String, u32)> = ups.iter().map(|u| (u.name.clone(), u.index)).collect();
@@ -130,13 +131,18 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
     let mut dns_by_link = std::collections::BTreeMap::new();
     dns_by_link.insert(n, first.dns.clone());
     write_resolv_conf_logged(&merged_dns(&dns_by_link), first.domain.as_deref());
+    let resolvers: dns::Upstream =
+        std::sync::Arc::new(std::sync::RwLock::new(merged_dns(&dns_by_link)));
+    let shared = resolvers.clone();
     let _ = std::thread::Builder::new()
         .name("dhcp-dns".into())
         .spawn(move || {
             for (n, l) in rx {
                 if dns_by_link.get(&n) != Some(&l.dns) {
                     dns_by_link.insert(n, l.dns.clone());
-                    write_resolv_conf_logged(&merged_dns(&dns_by_link), l.domain.as_deref());
+                    let merged = merged_dns(&dns_by_link);
+                    write_resolv_conf_logged(&merged, l.domain.as_deref());
+                    *shared.write().unwrap_or_else(|e| e.into_inner()) = merged;
                 }
             }
         });
@@ -148,9 +154,9 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
         address: first.address,
         prefix: first.prefix,
         ntp: first.ntp.clone(),
-        dns: first.dns,
         source: "dhcp",
         links,
+        resolvers,
     }
 }
 
@@ -169,7 +175,7 @@ fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
     nl.add_address(up.index, IpAddr::V4(f.address), f.prefix)
         .map_err(|e| e.to_string())?;
     if let Some(gw) = f.gateway {
-        nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw, 100)
+        nl.add_route(up.index, Ipv4Addr::UNSPECIFIED, 0, gw, 100)
             .map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -239,7 +245,7 @@ impl WorkloadNet {
     /// Creates the bridge with the first address of `subnet`, enables
     /// forwarding, and starts the DNS responder on the bridge address
     /// (relaying other names to `upstream`, the node's resolvers).
-    pub fn new(subnet: &str, upstream: Vec<Ipv4Addr>) -> Result<WorkloadNet, String> {
+    pub fn new(subnet: &str, upstream: dns::Upstream) -> Result<WorkloadNet, String> {
         let (net, prefix) = cairn_manifest::parse_ipv4_cidr(subnet)
             .ok_or_else(|| format!("bad workload subnet {subnet:?}"))?;
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
@@ -255,8 +261,14 @@ impl WorkloadNet {
         }
         tracing::info!(bridge = BRIDGE, gateway = %gw, prefix, "workload network up");
         let names = dns::Table::default();
-        dns::serve(SocketAddrV4::new(gw, 53), names.clone(), upstream)
-            .map_err(|e| format!("workload DNS responder on {gw}:53: {e}"))?;
+        dns::serve(
+            SocketAddrV4::new(gw, 53),
+            BRIDGE,
+            dns::Clients { network, prefix },
+            names.clone(),
+            upstream,
+        )
+        .map_err(|e| format!("workload DNS responder on {gw}:53: {e}"))?;
         Ok(WorkloadNet {
             subnet: subnet.to_string(),
             names,

@@ -42,6 +42,9 @@ pub enum SntpError {
     /// The reply does not echo our request's transmit time (spoofed or stale).
     #[error("NTP reply does not answer our request (origin timestamp mismatch)")]
     Origin,
+    /// A zero receive or transmit time (RFC 4330 §5: discard).
+    #[error("NTP reply carries a zero timestamp")]
+    ZeroTime,
 }
 
 fn to_ntp(t: SystemTime) -> u64 {
@@ -83,6 +86,9 @@ pub fn parse_reply(p: &[u8], t1: u64, t4: u64) -> Result<Sample, SntpError> {
     if ts(24) != t1 {
         return Err(SntpError::Origin);
     }
+    if ts(32) == 0 || ts(40) == 0 {
+        return Err(SntpError::ZeroTime);
+    }
     let (t1, t2, t3, t4) = (ntp_ms(t1), ntp_ms(ts(32)), ntp_ms(ts(40)), ntp_ms(t4));
     Ok(Sample {
         offset_ms: ((t2 - t1) + (t3 - t4)) / 2,
@@ -91,14 +97,22 @@ pub fn parse_reply(p: &[u8], t1: u64, t4: u64) -> Result<Sample, SntpError> {
     })
 }
 
-/// Asks one server (2 s timeout).
+/// Asks one server (2 s in all, however many stray packets arrive).
 pub fn query(server: Ipv4Addr) -> io::Result<Sample> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let t1 = to_ntp(SystemTime::now());
     sock.send_to(&request(t1), SocketAddrV4::new(server, 123))?;
     let mut buf = [0u8; 128];
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{server}: no NTP answer in 2 s"),
+            ));
+        }
+        sock.set_read_timeout(Some(left))?;
         let (n, from) = sock.recv_from(&mut buf)?;
         if from.ip() != std::net::IpAddr::V4(server) {
             continue;
@@ -166,6 +180,11 @@ mod tests {
         assert_eq!(
             parse_reply(&reply(t1 + 1, t1, t1, 2, 0x24), t1, t1),
             Err(SntpError::Origin)
+        );
+        // Zero times would pull the clock back to 1900 (then to the floor).
+        assert_eq!(
+            parse_reply(&reply(t1, 0, 0, 2, 0x24), t1, t1),
+            Err(SntpError::ZeroTime)
         );
     }
 

@@ -59,12 +59,19 @@ pub struct Lease {
 
 impl Lease {
     fn from_ack(ack: &Reply, fallback_server: Ipv4Addr) -> Lease {
-        let lease_secs = ack.lease_secs.unwrap_or(3600).max(1);
+        // Floors keep a hostile or broken server (lease 0, T1 0) from making
+        // us renew in a tight loop: at most one renewal a second.
+        let lease_secs = ack.lease_secs.unwrap_or(3600).max(10);
         let t2 = ack
             .t2
             .filter(|t| *t < lease_secs)
-            .unwrap_or((u64::from(lease_secs) * 7 / 8) as u32);
-        let t1 = ack.t1.filter(|t| *t < t2).unwrap_or(lease_secs / 2).min(t2);
+            .unwrap_or((u64::from(lease_secs) * 7 / 8) as u32)
+            .max(2);
+        let t1 = ack
+            .t1
+            .filter(|t| *t < t2)
+            .unwrap_or(lease_secs / 2)
+            .clamp(1, t2 - 1);
         Lease {
             address: ack.yiaddr,
             prefix: ack
@@ -305,7 +312,11 @@ impl Client {
         }
         match self.state.clone() {
             State::Selecting => {
-                self.xid = self.rand() as u32;
+                // One xid for the whole SELECTING phase: a slow OFFER to an
+                // earlier DISCOVER is still ours.
+                if self.attempt == 0 {
+                    self.xid = self.rand() as u32;
+                }
                 let pkt = self.request(MsgType::Discover, Ipv4Addr::UNSPECIFIED, None, None);
                 let wait = self.backoff_init();
                 self.attempt += 1;
@@ -409,7 +420,11 @@ impl Client {
                 self.bind(&r, server, now)
             }
             (State::InitReboot { address }, Some(MsgType::Ack)) if r.yiaddr == address => {
-                let server = r.server_id.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                // Without option 54, keep renewing with the server we knew.
+                let server = r
+                    .server_id
+                    .or(self.lease().map(|l| l.server))
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
                 self.bind(&r, server, now)
             }
             (State::Renewing | State::Rebinding, Some(MsgType::Ack))
@@ -667,6 +682,35 @@ mod tests {
             lease.routes,
             vec![(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 0, 0, 253))]
         );
+    }
+
+    #[test]
+    fn zero_lease_and_t1_do_not_make_a_renewal_storm() {
+        let (mut c, now) = client(None);
+        let xid = xid_of(&sent(&c.on_timer(now)).0);
+        let _ = c.on_packet(&reply(xid, 2, ME, &[]), now);
+        let a = c.on_packet(
+            &reply(xid, 5, ME, &[51, 4, 0, 0, 0, 0, 58, 4, 0, 0, 0, 0]),
+            now,
+        );
+        let Action::Bind { lease, .. } = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert!(
+            lease.lease_secs >= 10 && lease.t1_secs >= 1 && lease.t2_secs > lease.t1_secs,
+            "{lease:?}"
+        );
+        assert!(c.deadline() >= now + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_slow_offer_to_an_earlier_discover_is_accepted() {
+        let (mut c, now) = client(None);
+        let xid = xid_of(&sent(&c.on_timer(now)).0);
+        let again = c.on_timer(c.deadline());
+        assert_eq!(xid_of(&sent(&again).0), xid, "retransmissions keep the xid");
+        let _ = c.on_packet(&reply(xid, 2, ME, &[]), now);
+        assert!(matches!(c.state(), State::Requesting { .. }));
     }
 
     #[test]

@@ -177,6 +177,10 @@ pub fn parse_classless_routes(mut d: &[u8]) -> Option<Vec<(Ipv4Addr, u8, Ipv4Add
         let rest = d.get(1..1 + sig + 4)?;
         let mut dst = [0u8; 4];
         dst[..sig].copy_from_slice(&rest[..sig]);
+        // Host bits set in the destination would make the kernel refuse the
+        // route: keep only the prefix.
+        let mask = u32::MAX.checked_shl(32 - u32::from(width)).unwrap_or(0);
+        let dst = (u32::from_be_bytes(dst) & mask).to_be_bytes();
         out.push((Ipv4Addr::from(dst), width, ipv4(&rest[sig..sig + 4])));
         d = &d[1 + sig + 4..];
     }

@@ -89,19 +89,25 @@ pub fn apply(
     }
     nl.add_address(index, IpAddr::V4(lease.address), lease.prefix)
         .map_err(|e| e.to_string())?;
+    // The address is what matters most; a refused MTU or route is logged
+    // and the rest still applied.
     if let Some(mtu) = lease.mtu {
-        nl.set_mtu(index, u32::from(mtu))
-            .map_err(|e| e.to_string())?;
-    }
-    if lease.routes.is_empty() {
-        if let Some(gw) = lease.router {
-            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, gw, metric)
-                .map_err(|e| e.to_string())?;
+        if let Err(e) = nl.set_mtu(index, u32::from(mtu)) {
+            tracing::error!(index, mtu, error = %e, "DHCP MTU not applied");
         }
+    }
+    let routes: Vec<(Ipv4Addr, u8, Ipv4Addr)> = if lease.routes.is_empty() {
+        lease
+            .router
+            .map(|gw| (Ipv4Addr::UNSPECIFIED, 0, gw))
+            .into_iter()
+            .collect()
     } else {
-        for (dst, len, gw) in &lease.routes {
-            nl.add_route(*dst, *len, *gw, metric)
-                .map_err(|e| e.to_string())?;
+        lease.routes.clone()
+    };
+    for (dst, len, gw) in routes {
+        if let Err(e) = nl.add_route(index, dst, len, gw, metric) {
+            tracing::error!(index, error = %e, "DHCP route not applied");
         }
     }
     Ok(())
