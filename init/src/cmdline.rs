@@ -22,12 +22,29 @@ pub struct StaticIp {
     pub dns: Vec<Ipv4Addr>,
 }
 
-fn parse_ip(value: &str) -> Result<Option<StaticIp>, String> {
+/// What `ip=` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IpArg {
+    /// DHCP, on this device only when one is named.
+    Dhcp(Option<String>),
+    /// A static configuration.
+    Static(StaticIp),
+}
+
+fn parse_ip(value: &str) -> Result<IpArg, String> {
     match value {
-        "" | "dhcp" | "on" | "any" | "off" | "none" => return Ok(None),
+        "" | "dhcp" | "on" | "any" | "off" | "none" => return Ok(IpArg::Dhcp(None)),
         _ => {}
     }
     let f: Vec<&str> = value.split(':').collect();
+    // The kernel's DHCP form names the device and the method only:
+    // `ip=:::::eth0:dhcp`.
+    if matches!(f.get(6).copied(), Some("dhcp" | "on" | "any")) {
+        let device = f
+            .get(5)
+            .filter(|d| !d.is_empty() && d.len() <= 15 && !d.contains('/'));
+        return Ok(IpArg::Dhcp(device.map(|d| d.to_string())));
+    }
     let addr = |i: usize, what: &str| -> Result<Option<Ipv4Addr>, String> {
         match f.get(i).copied().unwrap_or("") {
             "" => Ok(None),
@@ -68,7 +85,7 @@ fn parse_ip(value: &str) -> Result<Option<StaticIp>, String> {
         .into_iter()
         .flatten()
         .collect();
-    Ok(Some(StaticIp {
+    Ok(IpArg::Static(StaticIp {
         address,
         prefix,
         gateway,
@@ -189,7 +206,13 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                 }
             }
             "ip" => match parse_ip(value) {
-                Ok(v) => cfg.static_ip = v,
+                Ok(IpArg::Static(s)) => cfg.static_ip = Some(s),
+                Ok(IpArg::Dhcp(device)) => {
+                    cfg.static_ip = None;
+                    if device.is_some() {
+                        cfg.iface = device;
+                    }
+                }
                 Err(reason) => errors.push(err(key, value, &reason)),
             },
             k if k.starts_with("cairn.") => errors.push(err(key, value, "unknown cairn option")),
@@ -259,11 +282,17 @@ mod tests {
             let (c, e) = parse(&format!("ip={v}"));
             assert!(c.static_ip.is_none() && e.is_empty(), "{v}");
         }
+        let (c, e) = parse("ip=:::::eth1:dhcp");
+        assert!(e.is_empty() && c.static_ip.is_none(), "{e:?}");
+        assert_eq!(
+            c.iface.as_deref(),
+            Some("eth1"),
+            "DHCP on the named device only"
+        );
         for bad in [
             "ip=10.0.0",
             "ip=10.0.0.1::gw",
             "ip=10.0.0.1:::255.0.255.0",
-            "ip=10.0.0.1::::::dhcp",
             "ip=:::::eth0",
         ] {
             let (c, e) = parse(bad);
