@@ -10,6 +10,8 @@ mod pid1;
 mod shim;
 mod supervisor;
 mod sys;
+#[cfg(test)]
+mod testnet;
 mod timeline;
 mod workload;
 

@@ -51,6 +51,18 @@ pub fn inputs() -> Result<Inputs, String> {
     })
 }
 
+/// The inputs, or `None` after printing `SKIP: <reason>` (counted by the
+/// summary of `make test`).
+pub fn inputs_or_skip() -> Option<Inputs> {
+    match inputs() {
+        Ok(i) => Some(i),
+        Err(reason) => {
+            println!("SKIP: {reason}");
+            None
+        }
+    }
+}
+
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path

@@ -4,7 +4,7 @@
 //! NAT, the restart policy and the trust model's refusals, on the same boot.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{inputs, run, workload, Scenario, NODE};
+use cairn_e2e::{inputs_or_skip, run, workload, Scenario, NODE};
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,12 +17,8 @@ fn instance(body: &str) -> Option<String> {
 
 #[test]
 fn boot_manifest_container_restart_and_refusals() -> Result<()> {
-    let inp = match inputs() {
-        Ok(i) => i,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return Ok(());
-        }
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
     };
     let mut sc = Scenario::setup(&inp)?;
     let ntp = sc.net.start_ntp()?;
@@ -333,12 +329,8 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
 /// static address, and everything else works as with DHCP.
 #[test]
 fn static_ip_from_the_kernel_command_line() -> Result<()> {
-    let inp = match inputs() {
-        Ok(i) => i,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return Ok(());
-        }
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
     };
     let mut sc = Scenario::setup(&inp)?;
     let v1 = sc.sign("v1", &sc.manifest(1, ""))?;

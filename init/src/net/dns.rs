@@ -376,90 +376,55 @@ mod tests {
     }
 
     /// The relay path against a real resolver: dnsmasq answering a record
-    /// in one network namespace, our responder in another (root needed).
+    /// in a private network namespace, our responder beside it.
     #[test]
     fn relays_other_names_to_a_real_resolver() {
-        use std::process::{Command, Stdio};
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/sbin/dnsmasq").exists() {
-            println!("SKIP: DNS relay test needs root and dnsmasq");
+        use crate::testnet::{can_run, Ns};
+        if !can_run("DNS relay test", &["/usr/sbin/dnsmasq"]) {
             return;
         }
-        let ns = format!("cdns{}", std::process::id());
-        let ip = |args: &[&str]| {
-            assert!(
-                Command::new("ip").args(args).status().unwrap().success(),
-                "{args:?}"
-            )
-        };
-        ip(&["netns", "add", &ns]);
-        struct Cleanup(String, Option<std::process::Child>);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                if let Some(mut c) = self.1.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-            }
-        }
-        let mut guard = Cleanup(ns.clone(), None);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&["-n", &ns, "addr", "add", "127.0.0.53/8", "dev", "lo"]);
-        let upstream = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "dnsmasq",
+        let mut ns = Ns::new("cdns");
+        ns.ip(&["addr", "add", "127.0.0.53/8", "dev", "lo"]);
+        ns.spawn(
+            "dnsmasq",
+            &[
                 "--no-daemon",
                 "--conf-file=/dev/null",
                 "--no-resolv",
-            ])
-            .args([
                 "--listen-address=127.0.0.53",
                 "--bind-interfaces",
                 "--address=/example.test/192.0.2.77",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        guard.1 = Some(upstream);
+            ],
+            None,
+        );
         std::thread::sleep(Duration::from_millis(300));
-        let path = format!("/run/netns/{ns}");
-        let answer = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = std::fs::File::open(&path).unwrap();
-            // SAFETY: valid netns fd; affects only this thread (and the
-            // responder thread it spawns, which inherits it).
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let table = Table::default();
-            table
-                .write()
-                .unwrap()
-                .insert("web".into(), Ipv4Addr::new(10, 88, 0, 2));
-            let listen = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 5353);
-            let clients = Clients {
-                network: Ipv4Addr::new(127, 0, 0, 0),
-                prefix: 8,
-            };
-            let ups = Arc::new(RwLock::new(vec![Ipv4Addr::new(127, 0, 0, 53)]));
-            serve(listen, "lo", clients, table, ups).unwrap();
-            let c = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut out = Vec::new();
-            for name in ["example.test", "web"] {
-                c.send_to(&query(name, 1), listen).unwrap();
-                let mut buf = [0u8; 512];
-                let n = c.recv(&mut buf).unwrap();
-                out.push(buf[..n].to_vec());
-            }
-            out
-        })
-        .join()
-        .unwrap();
+        let answer = ns
+            .enter(|| {
+                let table = Table::default();
+                table
+                    .write()
+                    .unwrap()
+                    .insert("web".into(), Ipv4Addr::new(10, 88, 0, 2));
+                let listen = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 5353);
+                let clients = Clients {
+                    network: Ipv4Addr::new(127, 0, 0, 0),
+                    prefix: 8,
+                };
+                let ups = Arc::new(RwLock::new(vec![Ipv4Addr::new(127, 0, 0, 53)]));
+                serve(listen, "lo", clients, table, ups).unwrap();
+                let c = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut out = Vec::new();
+                for name in ["example.test", "web"] {
+                    c.send_to(&query(name, 1), listen).unwrap();
+                    let mut buf = [0u8; 512];
+                    let n = c.recv(&mut buf).unwrap();
+                    out.push(buf[..n].to_vec());
+                }
+                out
+            })
+            .join()
+            .unwrap();
         let (fwd, local) = (&answer[0], &answer[1]);
         assert_eq!(&fwd[..2], &[0x12, 0x34], "the relayed answer keeps the id");
         assert_eq!(fwd[3] & 0xf, 0);

@@ -207,40 +207,16 @@ mod tests {
     }
 
     /// Against a real NTP server: chronyd in a private network namespace
-    /// (its clock control off). Root and chrony needed.
+    /// (its clock control off).
     #[test]
     fn queries_a_real_chronyd() {
-        use std::process::{Command, Stdio};
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/sbin/chronyd").exists() {
-            println!("SKIP: SNTP test needs root and chronyd (Debian package chrony)");
+        use crate::testnet::{can_run, Ns};
+        if !can_run("SNTP test", &["/usr/sbin/chronyd"]) {
             return;
         }
-        let ns = format!("cntp{}", std::process::id());
-        let dir = std::env::temp_dir().join(&ns);
+        let mut ns = Ns::new("cntp");
+        let dir = std::env::temp_dir().join(&ns.name);
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .unwrap()
-            .success());
-        struct Cleanup(String, std::path::PathBuf, Option<std::process::Child>);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                if let Some(mut c) = self.2.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-                let _ = std::fs::remove_dir_all(&self.1);
-            }
-        }
-        let mut guard = Cleanup(ns.clone(), dir.clone(), None);
-        assert!(Command::new("ip")
-            .args(["-n", &ns, "link", "set", "lo", "up"])
-            .status()
-            .unwrap()
-            .success());
         let conf = dir.join("chrony.conf");
         std::fs::write(
             &conf,
@@ -250,33 +226,27 @@ mod tests {
             ),
         )
         .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "chronyd", "-x", "-d", "-f"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        guard.2 = Some(child);
-        let path = format!("/run/netns/{ns}");
-        let sample = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = std::fs::File::open(&path).unwrap();
-            // SAFETY: valid netns fd; affects only this thread.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let mut last = None;
-            for _ in 0..30 {
-                match query(Ipv4Addr::LOCALHOST) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = Some(e.to_string()),
+        ns.spawn(
+            "chronyd",
+            &["-x", "-d", "-f", &conf.display().to_string()],
+            None,
+        );
+        let sample = ns
+            .enter(|| {
+                let mut last = String::new();
+                for _ in 0..30 {
+                    match query(Ipv4Addr::LOCALHOST) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e.to_string(),
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(last.unwrap_or_default())
-        })
-        .join()
-        .unwrap();
+                Err(last)
+            })
+            .join()
+            .unwrap();
+        ns.kill_all();
+        let _ = std::fs::remove_dir_all(&dir);
         let s = sample.expect("chronyd answered");
         assert_eq!(s.stratum, 8);
         // Same machine, same clock: the offset is small (not a timing gate:

@@ -3,7 +3,7 @@
 //! the sizes of what boots. Absolute times under TCG are noisy: read medians.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{inputs, workload, Scenario, NODE};
+use cairn_e2e::{inputs_or_skip, workload, Scenario, NODE};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,8 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let inp = match inputs() {
-        Ok(i) => i,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return Ok(());
-        }
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
     };
     let mut sc = Scenario::setup(&inp)?;
     let v1 = sc.sign("v1", &sc.manifest(1, ""))?;

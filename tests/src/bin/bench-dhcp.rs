@@ -6,7 +6,7 @@
 //! uses netlink in-process. Prints medians and the ratio pair by pair.
 
 use anyhow::{bail, Context, Result};
-use cairn_e2e::{inputs, run, TestNet};
+use cairn_e2e::{inputs_or_skip, run, TestNet};
 use std::process::Command;
 use std::time::Instant;
 
@@ -28,12 +28,8 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let inp = match inputs() {
-        Ok(i) => i,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return Ok(());
-        }
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
     };
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()

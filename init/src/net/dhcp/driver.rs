@@ -290,99 +290,58 @@ mod tests {
     //! Against a real dnsmasq, in two network namespaces joined by a veth
     //! (nothing touches the host's network). Needs root, dnsmasq and ip.
     use super::*;
-    use std::process::{Child, Command, Stdio};
+    use crate::testnet::{can_run, Ns};
 
+    /// A server namespace (dnsmasq on `dh-s`, 10.99.0.1/24) and a client
+    /// namespace (`dh-c`), joined by a veth.
     struct Lab {
-        ns: String,
+        srv: Ns,
+        cli: Ns,
         dir: std::path::PathBuf,
-        dnsmasq: Option<Child>,
     }
 
     impl Lab {
-        fn ip(args: &[&str]) {
-            let st = Command::new("ip").args(args).status().expect("ip");
-            assert!(st.success(), "ip {args:?}");
-        }
-
         fn new() -> Lab {
-            // Unique per lab: tests in one process run in parallel.
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let ns = format!("cdhcp{}x{n}", std::process::id());
-            let dir = std::env::temp_dir().join(format!("cairn-dhcp-{}-{n}", std::process::id()));
+            let (srv, cli) = (Ns::new("cdhs"), Ns::new("cdhc"));
+            let dir = std::env::temp_dir().join(&srv.name);
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let (s, c) = (format!("{ns}s"), format!("{ns}c"));
-            Lab::ip(&["netns", "add", &s]);
-            Lab::ip(&["netns", "add", &c]);
-            Lab::ip(&[
-                "-n", &s, "link", "add", "dh-s", "type", "veth", "peer", "name", "dh-c", "netns",
-                &c,
+            srv.ip(&[
+                "link", "add", "dh-s", "type", "veth", "peer", "name", "dh-c", "netns", &cli.name,
             ]);
-            Lab::ip(&["-n", &s, "addr", "add", "10.99.0.1/24", "dev", "dh-s"]);
-            Lab::ip(&["-n", &s, "link", "set", "dh-s", "up"]);
-            Lab::ip(&["-n", &c, "link", "set", "dh-c", "up"]);
-            Lab::ip(&["-n", &c, "link", "set", "lo", "up"]);
-            Lab {
-                ns,
-                dir,
-                dnsmasq: None,
-            }
+            srv.ip(&["addr", "add", "10.99.0.1/24", "dev", "dh-s"]);
+            srv.ip(&["link", "set", "dh-s", "up"]);
+            cli.ip(&["link", "set", "dh-c", "up"]);
+            Lab { srv, cli, dir }
         }
 
+        /// (Re)starts dnsmasq with a 2-minute lease on `range`.
         fn start_dnsmasq(&mut self, range: &str, extra: &[&str]) {
-            if let Some(mut d) = self.dnsmasq.take() {
-                let _ = d.kill();
-                let _ = d.wait();
-            }
-            let log = std::fs::File::create(self.dir.join("dnsmasq.log")).unwrap();
-            let child = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &format!("{}s", self.ns),
-                    "dnsmasq",
-                    "--no-daemon",
-                    "--conf-file=/dev/null",
-                ])
-                .args([
-                    "--interface=dh-s",
-                    "--bind-interfaces",
-                    "--port=0",
-                    "--log-dhcp",
-                    "--no-ping",
-                ])
-                .arg(format!("--dhcp-range={range},255.255.255.0,2m"))
-                .arg(format!(
-                    "--dhcp-leasefile={}",
-                    self.dir.join("leases").display()
-                ))
-                .args([
-                    "--dhcp-option=option:router,10.99.0.1",
-                    "--dhcp-option=option:dns-server,10.99.0.53",
-                ])
-                .arg("--dhcp-option=option:mtu,1400")
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("dnsmasq");
-            self.dnsmasq = Some(child);
+            self.srv.kill_all();
+            let range = format!("--dhcp-range={range},255.255.255.0,2m");
+            let leases = format!("--dhcp-leasefile={}", self.dir.join("leases").display());
+            let mut args = vec![
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--interface=dh-s",
+                "--bind-interfaces",
+                "--port=0",
+                "--log-dhcp",
+                "--no-ping",
+                &range,
+                &leases,
+                "--dhcp-option=option:router,10.99.0.1",
+                "--dhcp-option=option:dns-server,10.99.0.53",
+                "--dhcp-option=option:mtu,1400",
+            ];
+            args.extend_from_slice(extra);
+            self.srv
+                .spawn("dnsmasq", &args, Some(&self.dir.join("dnsmasq.log")));
             std::thread::sleep(Duration::from_millis(300));
         }
 
-        fn client_ns(&self) -> String {
-            format!("{}c", self.ns)
-        }
-
         fn show(&self, what: &[&str]) -> String {
-            let o = Command::new("ip")
-                .args(["-n", &self.client_ns()])
-                .args(what)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&o.stdout).into_owned()
+            self.cli.show(what)
         }
 
         /// Starts the real client in the client namespace for `secs`.
@@ -393,13 +352,8 @@ mod tests {
             std::thread::JoinHandle<()>,
             std::sync::mpsc::Receiver<Lease>,
         ) {
-            let path = format!("/run/netns/{}", self.client_ns());
             let (tx, rx) = std::sync::mpsc::channel();
-            let t = std::thread::spawn(move || {
-                use std::os::fd::AsRawFd;
-                let f = std::fs::File::open(&path).unwrap();
-                // SAFETY: valid netns fd; affects only this thread.
-                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let t = self.cli.enter(move || {
                 let nl = Netlink::new().unwrap();
                 let index = nl.index_of("dh-c").unwrap();
                 let mac = nl
@@ -419,33 +373,13 @@ mod tests {
 
     impl Drop for Lab {
         fn drop(&mut self) {
-            if let Some(mut d) = self.dnsmasq.take() {
-                let _ = d.kill();
-                let _ = d.wait();
-            }
-            for n in [format!("{}s", self.ns), format!("{}c", self.ns)] {
-                let _ = Command::new("ip").args(["netns", "del", &n]).status();
-            }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 
-    fn can_run() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            println!("SKIP: DHCP host test needs root (network namespaces)");
-            return false;
-        }
-        if !std::path::Path::new("/usr/sbin/dnsmasq").exists() {
-            println!("SKIP: dnsmasq not installed (make deps)");
-            return false;
-        }
-        true
-    }
-
     #[test]
     fn lease_options_renewal_and_nak_against_dnsmasq() {
-        if !can_run() {
+        if !can_run("DHCP host test", &["/usr/sbin/dnsmasq"]) {
             return;
         }
         let mut lab = Lab::new();
@@ -527,7 +461,7 @@ mod tests {
     /// new ACK) and keeps its address.
     #[test]
     fn carrier_return_reverifies_the_lease() {
-        if !can_run() {
+        if !can_run("DHCP host test", &["/usr/sbin/dnsmasq"]) {
             return;
         }
         let mut lab = Lab::new();
@@ -537,10 +471,9 @@ mod tests {
             .recv_timeout(Duration::from_secs(6))
             .expect("first lease");
         std::thread::sleep(Duration::from_millis(500));
-        let s = format!("{}s", lab.ns);
-        Lab::ip(&["-n", &s, "link", "set", "dh-s", "down"]);
+        lab.srv.ip(&["link", "set", "dh-s", "down"]);
         std::thread::sleep(Duration::from_millis(1500));
-        Lab::ip(&["-n", &s, "link", "set", "dh-s", "up"]);
+        lab.srv.ip(&["link", "set", "dh-s", "up"]);
         let again = rx.recv_timeout(Duration::from_secs(6));
         let log = std::fs::read_to_string(lab.dir.join("dnsmasq.log")).unwrap();
         let again =
