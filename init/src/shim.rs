@@ -112,7 +112,7 @@ fn setup_network(n: &ShimNet) -> Result<(), String> {
         .map_err(|e| format!("container network ({}): {e}", n.peer))?;
     nl.set_up(idx)
         .map_err(|e| format!("container network ({}): {e}", n.peer))?;
-    nl.add_default_route(gw)
+    nl.add_route(idx, Ipv4Addr::UNSPECIFIED, 0, gw, 0)
         .map_err(|e| format!("container network ({}): {e}", n.peer))?;
     Ok(())
 }

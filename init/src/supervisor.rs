@@ -1009,20 +1009,26 @@ impl<'a> Supervisor<'a> {
         let up = &self.boot.uplink;
         // The primary IPv4 address first; then whatever else the link has
         // (SLAAC IPv6 from the kernel, link-local, other leases).
-        let primary = format!("{}/{}", up.address, up.prefix);
-        let mut addresses = vec![primary.clone()];
-        if let Ok(all) = self.boot.nl.addresses(up.index) {
-            addresses.extend(all.into_iter().filter(|a| *a != primary));
-        }
-        let interfaces: Vec<Value> = up
+        // One address dump per link per report.
+        let per_link: Vec<(&String, u32, Vec<String>)> = up
             .links
             .iter()
             .map(|(name, index)| {
-                json!({
-                    "name": name,
-                    "addresses": self.boot.nl.addresses(*index).unwrap_or_default(),
-                })
+                (
+                    name,
+                    *index,
+                    self.boot.nl.addresses(*index).unwrap_or_default(),
+                )
             })
+            .collect();
+        let primary = format!("{}/{}", up.address, up.prefix);
+        let mut addresses = vec![primary.clone()];
+        if let Some((_, _, all)) = per_link.iter().find(|(_, i, _)| *i == up.index) {
+            addresses.extend(all.iter().filter(|a| **a != primary).cloned());
+        }
+        let interfaces: Vec<Value> = per_link
+            .iter()
+            .map(|(name, _, addrs)| json!({ "name": name, "addresses": addrs }))
             .collect();
         json!({
             "node": self.boot.node,

@@ -81,8 +81,8 @@ impl Netlink {
         Ok(msgs.into_iter().map(link_info).collect())
     }
 
-    /// Whether a link has carrier.
-    pub fn carrier(&self, index: u32) -> Result<bool, NetError> {
+    /// One link by index.
+    pub fn link(&self, index: u32) -> Result<LinkInfo, NetError> {
         let msgs: Vec<LinkMessage> = self
             .rt
             .block_on(
@@ -94,11 +94,10 @@ impl Netlink {
                     .try_collect(),
             )
             .map_err(req(format!("get link {index}")))?;
-        Ok(msgs
-            .into_iter()
+        msgs.into_iter()
             .next()
             .map(link_info)
-            .is_some_and(|l| l.carrier))
+            .ok_or_else(|| NetError::NoLink(format!("index {index}")))
     }
 
     /// A link's index by name.
@@ -230,17 +229,6 @@ impl Netlink {
             .map_err(req(format!(
                 "set route {dst}/{prefix} via {gateway} (metric {metric})"
             )))
-    }
-
-    /// Adds the IPv4 default route; an existing one is fine.
-    pub fn add_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .build();
-        match self.rt.block_on(self.handle.route().add(msg).execute()) {
-            Err(e) if is_exists(&e) => Ok(()),
-            r => r.map_err(req(format!("add default route via {gateway}"))),
-        }
     }
 
     /// Creates a bridge (or finds it) and sets it up; returns its index.

@@ -142,11 +142,9 @@ pub fn once_main(iface: &str) -> ! {
         let index = nl.index_of(iface).map_err(|e| e.to_string())?;
         nl.set_up(index).map_err(|e| e.to_string())?;
         let mac = nl
-            .links()
+            .link(index)
             .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|l| l.index == index)
-            .and_then(|l| l.mac)
+            .mac
             .ok_or(format!("{iface} has no MAC address"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let until = Instant::now() + Duration::from_secs(30);
@@ -187,11 +185,11 @@ fn drive(
     };
     let mut client = Client::new(cfg, None, Instant::now(), seed());
     let mut buf = [0u8; 1500];
-    let mut carrier = nl.carrier(index).unwrap_or(true);
+    let mut carrier = nl.link(index).map(|l| l.carrier).unwrap_or(true);
     loop {
         // Carrier is polled at least once a second (the waits below are
         // capped): a link that comes back re-verifies its lease.
-        let now_carrier = nl.carrier(index).unwrap_or(carrier);
+        let now_carrier = nl.link(index).map(|l| l.carrier).unwrap_or(carrier);
         if now_carrier && !carrier {
             tracing::info!(iface, "carrier back: verifying the lease (INIT-REBOOT)");
             client.on_carrier_up(Instant::now());
@@ -356,14 +354,7 @@ mod tests {
             let t = self.cli.enter(move || {
                 let nl = Netlink::new().unwrap();
                 let index = nl.index_of("dh-c").unwrap();
-                let mac = nl
-                    .links()
-                    .unwrap()
-                    .into_iter()
-                    .find(|l| l.index == index)
-                    .unwrap()
-                    .mac
-                    .unwrap();
+                let mac = nl.link(index).unwrap().mac.unwrap();
                 let until = Instant::now() + Duration::from_secs(secs);
                 drive("dh-c", index, mac, 100, "lab-node", &tx, Some(until), false).unwrap();
             });
