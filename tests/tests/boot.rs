@@ -111,9 +111,19 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
 
     // Name discovery: web reaches peer by its name through the node's DNS
     // responder on the bridge (peer has no published port).
-    let (code, body) = sc
-        .net
-        .http_get(&format!("http://{node_ip}:8080/fetch?to=peer:80/"))?;
+    // peer has no published port, so nothing above waited for it to listen:
+    // retry until it does (a refused connection means it is still starting).
+    let fetch_peer = format!("http://{node_ip}:8080/fetch?to=peer:80/");
+    let mut got = (0, String::new());
+    let _ = sc.net.wait_until(
+        "peer to answer web by name",
+        Duration::from_secs(60),
+        || {
+            got = sc.net.http_get(&fetch_peer)?;
+            Ok(got.0 == 200)
+        },
+    );
+    let (code, body) = got;
     println!("web -> peer by name: {code} {}", body.trim());
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("host=peer"), "{body}");
