@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"CRN1";
 /// Format 1: `types::Manifest` in postcard.
 pub const FORMAT_V1: u32 = 1;
+/// Payload format 2: the manifest as JSON (see `types.rs` for the rules).
+pub const FORMAT_V2: u32 = 2;
 /// Every payload format this build decodes (older ones stay here forever).
-pub const SUPPORTED_FORMATS: &[u32] = &[FORMAT_V1];
+pub const SUPPORTED_FORMATS: &[u32] = &[FORMAT_V1, FORMAT_V2];
 
 const DOMAIN: &[u8] = b"cairn-manifest\0";
 
@@ -60,8 +62,8 @@ pub enum EnvelopeError {
 impl Envelope {
     /// Encodes and signs a manifest in the current format.
     pub fn seal(manifest: &Manifest, key: &SigningKey) -> Envelope {
-        let payload = postcard::to_stdvec(manifest).expect("manifest types always encode");
-        Envelope::sign_payload(FORMAT_V1, payload, key)
+        let payload = serde_json::to_vec(manifest).expect("manifest types always encode");
+        Envelope::sign_payload(FORMAT_V2, payload, key)
     }
 
     /// Signs an already-encoded payload.
@@ -105,13 +107,20 @@ impl Envelope {
     /// Decodes the payload according to its format.
     pub fn decode_payload(&self) -> Result<Manifest, EnvelopeError> {
         match self.format {
-            FORMAT_V1 => {
-                postcard::from_bytes(&self.payload).map_err(|e| EnvelopeError::BadPayload {
-                    format: self.format,
-                    reason: e.to_string(),
-                })
-            }
+            FORMAT_V1 => postcard::from_bytes::<crate::v1::Manifest>(&self.payload)
+                .map(Manifest::from)
+                .map_err(|e| self.bad_payload(e)),
+            FORMAT_V2 => serde_json::from_slice(&self.payload).map_err(|e| self.bad_payload(e)),
             other => Err(EnvelopeError::UnknownFormat(other)),
+        }
+    }
+}
+
+impl Envelope {
+    fn bad_payload(&self, e: impl std::fmt::Display) -> EnvelopeError {
+        EnvelopeError::BadPayload {
+            format: self.format,
+            reason: e.to_string(),
         }
     }
 }

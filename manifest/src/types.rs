@@ -1,10 +1,11 @@
-//! Manifest schema, format 1.
+//! Manifest schema (payload format 2).
 //!
-//! These types are encoded with postcard, which is not self-describing: the
-//! field order *is* the wire format. Never reorder, remove or retype a field
-//! here. A schema change means a new format number, a frozen copy of these
-//! types for the old format, and a conversion (see `envelope::decode_payload`).
-//! `#[serde(default)]` only affects the TOML authoring form.
+//! Format 2 payloads are these types as JSON (the same serde attributes as
+//! the TOML authoring form). A field may be *added* with `#[serde(default)]`
+//! (older payloads still decode); renaming, retyping or removing one means a
+//! new format number, a frozen copy of these types for the old format and a
+//! conversion, as `v1.rs` is for format 1 (postcard). Unknown fields are
+//! refused, so a node never silently ignores configuration it cannot apply.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,9 +48,21 @@ pub struct NetworkSpec {
     /// Extra resolvers for the node (in addition to DHCP's), as IPv4 literals.
     #[serde(default)]
     pub dns: Vec<String>,
-    /// Per-interface static settings (filled in by the networking work).
+    /// Per-interface settings, matched by name or MAC.
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<InterfaceSpec>,
+    /// NTP servers (IPv4 literals), tried before DHCP's option 42 servers.
+    #[serde(default)]
+    pub ntp: Vec<String>,
+    /// 802.1Q VLAN links to create.
+    #[serde(default, rename = "vlan")]
+    pub vlans: Vec<VlanSpec>,
+    /// Bonds to create.
+    #[serde(default, rename = "bond")]
+    pub bonds: Vec<BondSpec>,
+    /// Whether workloads reach each other directly on the workload bridge.
+    #[serde(default)]
+    pub workload_reachability: Reachability,
 }
 
 impl Default for NetworkSpec {
@@ -58,6 +71,10 @@ impl Default for NetworkSpec {
             workload_subnet: default_workload_subnet(),
             dns: Vec::new(),
             interfaces: Vec::new(),
+            ntp: Vec::new(),
+            vlans: Vec::new(),
+            bonds: Vec::new(),
+            workload_reachability: Reachability::default(),
         }
     }
 }
@@ -66,28 +83,112 @@ fn default_workload_subnet() -> String {
     "10.88.0.0/24".to_string()
 }
 
-/// Static configuration of one node interface, matched by name or MAC.
+/// Reachability between workloads on the workload bridge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reachability {
+    /// Every workload reaches every other workload on every port.
+    #[default]
+    Open,
+    /// Workloads reach the node (DNS, gateway), the outside and published
+    /// ports on the node's addresses, but not each other directly.
+    Isolated,
+}
+
+/// Settings of one node interface (a NIC, or a VLAN or bond declared here),
+/// matched by name or MAC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceSpec {
-    /// Interface name (`eth0`) or MAC (`52:54:00:12:34:56`).
+    /// Interface name (`eth0`, `bond0`, `vlan100`) or MAC (`52:54:00:12:34:56`).
     pub matches: String,
-    /// `dhcp` (the default) or `static`.
+    /// `dhcp` (the default), `static`, or `none` (link up, no address: a
+    /// VLAN parent that carries no address of its own).
     #[serde(default = "default_dhcp")]
     pub mode: String,
-    /// Static addresses in CIDR form.
+    /// Static addresses in CIDR form, IPv4 or IPv6 (also allowed beside DHCP).
     #[serde(default)]
     pub addresses: Vec<String>,
-    /// Default gateway.
+    /// IPv4 default gateway.
     #[serde(default)]
     pub gateway: Option<String>,
     /// MTU; `None` keeps the link's.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// IPv6 default gateway.
+    #[serde(default)]
+    pub gateway6: Option<String>,
+    /// Extra routes.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteSpec>,
+    /// Resolvers learnt from this interface (IPv4 literals).
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Metric of this interface's routes (default 50: below DHCP's 100+).
+    #[serde(default)]
+    pub metric: Option<u32>,
+}
+
+impl Default for InterfaceSpec {
+    fn default() -> Self {
+        InterfaceSpec {
+            matches: String::new(),
+            mode: default_dhcp(),
+            addresses: Vec::new(),
+            gateway: None,
+            mtu: None,
+            gateway6: None,
+            routes: Vec::new(),
+            dns: Vec::new(),
+            metric: None,
+        }
+    }
 }
 
 fn default_dhcp() -> String {
     "dhcp".to_string()
+}
+
+/// A static route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Destination in CIDR form (IPv4 or IPv6).
+    pub to: String,
+    /// Next hop (same family); `None` = on-link.
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+/// An 802.1Q VLAN link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VlanSpec {
+    /// Name of the new link (at most 15 characters).
+    pub name: String,
+    /// Parent link: a NIC's name or MAC, or a bond declared here.
+    pub parent: String,
+    /// VLAN id, 1–4094.
+    pub id: u16,
+}
+
+/// A bond (link aggregation) of NICs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BondSpec {
+    /// Name of the new link (at most 15 characters).
+    pub name: String,
+    /// `active-backup` or `802.3ad` (LACP; the switch must speak it).
+    pub mode: String,
+    /// Member NICs by name or MAC; they carry no address of their own.
+    pub members: Vec<String>,
+    /// Link monitoring interval in milliseconds.
+    #[serde(default = "default_miimon")]
+    pub miimon_ms: u32,
+}
+
+fn default_miimon() -> u32 {
+    100
 }
 
 /// Which disk holds the state volume.
@@ -336,6 +437,14 @@ pub enum SpecError {
     /// The workload subnet is not an IPv4 CIDR with room for workloads.
     #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
     BadSubnet(String),
+    /// Something in `[network]` that no node could apply.
+    #[error("network.{field}: {problem}")]
+    Network {
+        /// Where (`interface[eth0].addresses`).
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// Upper bound for manifest times: 2200-01-01T00:00:00Z.
@@ -445,6 +554,6 @@ impl Manifest {
             Some((_, len)) if (16..=29).contains(&len) => {}
             _ => return Err(SpecError::BadSubnet(self.network.workload_subnet.clone())),
         }
-        Ok(())
+        crate::netcheck::validate(&self.network)
     }
 }

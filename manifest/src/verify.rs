@@ -343,27 +343,49 @@ port = [{{ host = 8080, container = 80 }}]
         assert!(e.to_string().contains("duplicate workload name"), "{e}");
     }
 
-    /// Format 1 wire bytes are frozen: this fixed envelope must keep decoding
-    /// in every future build (the last known good manifest on disk).
+    /// Format 1 wire bytes are frozen: this fixed envelope (postcard, signed
+    /// before format 2 existed) must keep decoding in every future build.
     #[test]
     fn format_v1_bytes_stay_decodable() {
         let k = SigningKey::from_seed([1; 32]);
-        let m = manifest("n1", 1);
-        let bytes = Envelope::seal(&m, &k).to_bytes();
         let fixture = include_bytes!("../tests/fixtures/v1-envelope.bin");
-        if bytes.as_slice() != fixture.as_slice() && std::env::var_os("CAIRN_BLESS").is_some() {
-            std::fs::write(
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/v1-envelope.bin"
-                ),
-                &bytes,
-            )
-            .unwrap();
-        }
         let mut t = TrustStore::new();
         t.add(k.verifying_key());
         let (d, _) = verify(fixture, &t, "n1", NOW, None).expect("format 1 fixture must verify");
+        assert_eq!(d, Decision::Apply(Box::new(manifest("n1", 1))));
+    }
+
+    /// Format 2 likewise: today's encoding of the test manifest is frozen
+    /// (`CAIRN_BLESS=1` rewrites it only for a deliberate, additive change).
+    #[test]
+    fn format_v2_bytes_stay_decodable() {
+        let k = SigningKey::from_seed([1; 32]);
+        let m = manifest("n1", 1);
+        let bytes = Envelope::seal(&m, &k).to_bytes();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-envelope.bin");
+        if std::env::var_os("CAIRN_BLESS").is_some() {
+            std::fs::write(path, &bytes).unwrap();
+        }
+        let fixture = std::fs::read(path).expect("v2 fixture (CAIRN_BLESS=1 creates it)");
+        let mut t = TrustStore::new();
+        t.add(k.verifying_key());
+        let (d, _) = verify(&fixture, &t, "n1", NOW, None).expect("format 2 fixture must verify");
         assert_eq!(d, Decision::Apply(Box::new(m)));
+        assert_eq!(Envelope::from_bytes(&fixture).unwrap().format, crate::FORMAT_V2);
+    }
+
+    /// A format 2 payload from an older build (fewer fields) still decodes:
+    /// added fields take their defaults.
+    #[test]
+    fn format_v2_accepts_payloads_without_newer_fields() {
+        let k = SigningKey::from_seed([1; 32]);
+        let payload = br#"{"node":"n1","version":3,"issued_at":1,"expires_at":2,"container":[]}"#;
+        let env = Envelope::sign_payload(crate::FORMAT_V2, payload.to_vec(), &k);
+        let m = env.decode_payload().unwrap();
+        assert_eq!(m.network, crate::NetworkSpec::default());
+        let bad = br#"{"node":"n1","version":3,"issued_at":1,"expires_at":2,"gpu":true}"#;
+        let env = Envelope::sign_payload(crate::FORMAT_V2, bad.to_vec(), &k);
+        let e = env.decode_payload().unwrap_err().to_string();
+        assert!(e.contains("unknown field `gpu`"), "{e}");
     }
 }
