@@ -130,7 +130,7 @@ fn keygen_sign_inspect_round_trip() {
 
     let out = ok(&["inspect", p(&bin), "--trust", p(&keys)]);
     assert!(out.contains(&format!("key id:   {id}")), "{out}");
-    assert!(out.contains("format:   1"), "{out}");
+    assert!(out.contains("format:   2"), "{out}");
     assert!(
         out.contains("node = \"n7\"") && out.contains("version = 5") && out.contains(DIGEST),
         "{out}"
