@@ -177,6 +177,10 @@ struct Boot {
     net_error: Option<String>,
     /// The last SNTP result, for the status.
     time: Arc<std::sync::Mutex<Value>>,
+    /// NTP servers in use (the manifest's, then DHCP's).
+    ntp: Arc<std::sync::Mutex<Vec<Ipv4Addr>>>,
+    /// Wakes the SNTP thread after the servers changed.
+    ntp_kick: Sender<()>,
     /// For reading the uplink's addresses into the status.
     nl: net::link::Netlink,
     proxies: Proxies,
@@ -220,13 +224,23 @@ pub fn run_forever(
     tracing::info!(node = %node, "node id");
     // Time before the first manifest: its expiry is judged by this clock.
     let time = Arc::new(std::sync::Mutex::new(sync_time(&uplink.ntp)));
-    if !uplink.ntp.is_empty() {
-        let (servers, time) = (uplink.ntp.clone(), time.clone());
+    let ntp = Arc::new(std::sync::Mutex::new(uplink.ntp.clone()));
+    let (ntp_kick, kicked) = std::sync::mpsc::channel::<()>();
+    {
+        let (servers, time) = (ntp.clone(), time.clone());
         let _ = std::thread::Builder::new()
             .name("sntp".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(1024));
-                *time.lock().unwrap_or_else(|e| e.into_inner()) = sync_time(&servers);
+            .spawn(move || {
+                // Every 1024 s, or at once when the manifest names new servers.
+                while !matches!(
+                    kicked.recv_timeout(Duration::from_secs(1024)),
+                    Err(RecvTimeoutError::Disconnected)
+                ) {
+                    let list = servers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if !list.is_empty() {
+                        *time.lock().unwrap_or_else(|e| e.into_inner()) = sync_time(&list);
+                    }
+                }
             });
     }
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
@@ -254,6 +268,8 @@ pub fn run_forever(
         net: None,
         net_error: None,
         time,
+        ntp,
+        ntp_kick,
         nl: loop {
             match net::link::Netlink::new() {
                 Ok(nl) => break nl,
@@ -403,6 +419,8 @@ struct Supervisor<'a> {
     unsupported: Vec<(String, &'static str)>,
     shutting_down: bool,
     nat_error: Option<String>,
+    /// Problems of the last node network reconcile.
+    network_errors: Vec<String>,
 }
 
 fn describe_exit(status: i32) -> (String, bool) {
@@ -446,6 +464,7 @@ impl<'a> Supervisor<'a> {
             unsupported: Vec::new(),
             shutting_down: false,
             nat_error: None,
+            network_errors: Vec::new(),
         }
     }
 
@@ -539,6 +558,15 @@ impl<'a> Supervisor<'a> {
             now_unix(),
             self.boot.applied.as_ref(),
         ) {
+            Ok((Decision::Apply(m), _)) if self.network_plan(&m).is_err() => {
+                let e = self.network_plan(&m).err().unwrap_or_default();
+                tracing::error!(
+                    version = m.version,
+                    "manifest rejected: {e}; previous configuration kept"
+                );
+                self.manifest_state = "rejected";
+                self.manifest_error = Some(("invalid".to_string(), e));
+            }
             Ok((Decision::Apply(m), applied)) => {
                 timeline::mark(
                     "manifest-verified",
@@ -601,8 +629,47 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// `[network]` resolved against this node's links (nothing touched).
+    fn network_plan(&self, m: &Manifest) -> Result<net::node::Plan, String> {
+        let links = self.boot.nl.links().map_err(|e| e.to_string())?;
+        net::node::plan(&m.network, &links, &self.boot.uplink.config.created())
+    }
+
+    /// The node's links, resolvers and NTP servers as `[network]` says.
+    fn apply_node_network(&mut self, m: &Manifest) {
+        match self.network_plan(m) {
+            Ok(plan) => {
+                self.network_errors = self.boot.uplink.config.apply(&self.boot.nl, &plan);
+            }
+            Err(e) => self.network_errors = vec![e],
+        }
+        let mut ntp: Vec<Ipv4Addr> = m
+            .network
+            .ntp
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        for s in &self.boot.uplink.ntp {
+            if !ntp.contains(s) {
+                ntp.push(*s);
+            }
+        }
+        let mut current = self.boot.ntp.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != ntp {
+            tracing::info!(servers = ?ntp, "NTP servers changed: syncing");
+            *current = ntp;
+            let _ = self.boot.ntp_kick.send(());
+        }
+    }
+
     fn apply(&mut self, m: Manifest) {
+        self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
+        if let Some(net) = self.boot.net.as_mut() {
+            net.set_isolated(
+                m.network.workload_reachability == cairn_manifest::Reachability::Isolated,
+            );
+        }
         self.unsupported = m
             .vms
             .iter()
@@ -1007,29 +1074,18 @@ impl<'a> Supervisor<'a> {
             }));
         }
         let up = &self.boot.uplink;
-        // The primary IPv4 address first; then whatever else the link has
-        // (SLAAC IPv6 from the kernel, link-local, other leases).
-        // One address dump per link per report.
-        let per_link: Vec<(&String, u32, Vec<String>)> = up
-            .links
-            .iter()
-            .map(|(name, index)| {
-                (
-                    name,
-                    *index,
-                    self.boot.nl.addresses(*index).unwrap_or_default(),
-                )
-            })
-            .collect();
+        let interfaces = up.config.status(&self.boot.nl);
+        // The primary IPv4 address first; then whatever else the uplinks
+        // have (SLAAC IPv6 from the kernel, link-local, other leases).
         let primary = format!("{}/{}", up.address, up.prefix);
         let mut addresses = vec![primary.clone()];
-        if let Some((_, _, all)) = per_link.iter().find(|(_, i, _)| *i == up.index) {
-            addresses.extend(all.iter().filter(|a| **a != primary).cloned());
+        for i in &interfaces {
+            for a in i["addresses"].as_array().into_iter().flatten() {
+                if let Some(a) = a.as_str().filter(|a| *a != primary) {
+                    addresses.push(a.to_string());
+                }
+            }
         }
-        let interfaces: Vec<Value> = per_link
-            .iter()
-            .map(|(name, _, addrs)| json!({ "name": name, "addresses": addrs }))
-            .collect();
         json!({
             "node": self.boot.node,
             "boot_id": self.boot.boot_id,
@@ -1044,7 +1100,7 @@ impl<'a> Supervisor<'a> {
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
             "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
-                .chain(self.boot.net_error.iter()).collect::<Vec<_>>(),
+                .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).collect::<Vec<_>>(),
             "manifest": {
                 "applied_version": self.boot.applied.as_ref().map(|a| a.version),
                 "state": self.manifest_state,

@@ -25,6 +25,24 @@ impl Cidr {
         (prefix <= max).then_some(Cidr { addr, prefix })
     }
 
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let m = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+            }
+            IpAddr::V6(a) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & m))
+            }
+        }
+    }
+
     /// Does `other`'s network overlap this one's (same family only)?
     pub fn overlaps(&self, other: &Cidr) -> bool {
         let p = self.prefix.min(other.prefix);
@@ -162,7 +180,7 @@ pub fn validate(n: &NetworkSpec) -> Result<(), SpecError> {
     }
     for (i, a) in created.iter().enumerate() {
         if created[..i].contains(a) {
-            return Err(err(format!("{a}"), "two links are declared with this name"));
+            return Err(err(a.to_string(), "two links are declared with this name"));
         }
         if members.contains(a) {
             return Err(err(
@@ -258,6 +276,17 @@ pub fn validate(n: &NetworkSpec) -> Result<(), SpecError> {
         for r in &i.routes {
             let to = Cidr::parse(&r.to)
                 .ok_or_else(|| err(format!("{f}.route"), format!("to {:?} is not a CIDR", r.to)))?;
+            if to.network() != to.addr {
+                return Err(err(
+                    format!("{f}.route"),
+                    format!(
+                        "to {:?} has host bits set (did you mean {}/{}?)",
+                        r.to,
+                        to.network(),
+                        to.prefix
+                    ),
+                ));
+            }
             if let Some(via) = &r.via {
                 let ok = via
                     .parse::<IpAddr>()
@@ -287,6 +316,8 @@ mod tests {
             ..InterfaceSpec::default()
         }
     }
+
+    type Edit = Box<dyn Fn(&mut NetworkSpec)>;
 
     fn check(n: &NetworkSpec) -> String {
         validate(n)
@@ -356,7 +387,7 @@ mod tests {
 
     #[test]
     fn each_mistake_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut NetworkSpec)>, &str)> = vec![
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|n| {
                     n.interfaces = vec![

@@ -362,7 +362,10 @@ port = [{{ host = 8080, container = 80 }}]
         let k = SigningKey::from_seed([1; 32]);
         let m = manifest("n1", 1);
         let bytes = Envelope::seal(&m, &k).to_bytes();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-envelope.bin");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/v2-envelope.bin"
+        );
         if std::env::var_os("CAIRN_BLESS").is_some() {
             std::fs::write(path, &bytes).unwrap();
         }
@@ -371,7 +374,10 @@ port = [{{ host = 8080, container = 80 }}]
         t.add(k.verifying_key());
         let (d, _) = verify(&fixture, &t, "n1", NOW, None).expect("format 2 fixture must verify");
         assert_eq!(d, Decision::Apply(Box::new(m)));
-        assert_eq!(Envelope::from_bytes(&fixture).unwrap().format, crate::FORMAT_V2);
+        assert_eq!(
+            Envelope::from_bytes(&fixture).unwrap().format,
+            crate::FORMAT_V2
+        );
     }
 
     /// A format 2 payload from an older build (fewer fields) still decodes:

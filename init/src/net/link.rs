@@ -5,9 +5,13 @@
 //! namespace of the thread that created it.
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use std::net::{IpAddr, Ipv4Addr};
+use rtnetlink::packet_route::link::{
+    BondMode, InfoBond, InfoBridgePort, InfoData, InfoKind, InfoVlan, LinkAttribute, LinkMessage,
+};
+use rtnetlink::{
+    LinkBond, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVlan, RouteMessageBuilder,
+};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Netlink errors.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,24 @@ pub struct LinkInfo {
     pub virtual_kind: bool,
     /// Carrier (IFF_LOWER_UP).
     pub carrier: bool,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// Link kind (`vlan`, `bond`, `bridge`, `veth`, …); `None` for a NIC.
+    pub kind: Option<String>,
+    /// The bond or bridge this link is a port of.
+    pub master: Option<u32>,
+    /// A VLAN's parent link.
+    pub parent: Option<u32>,
+    /// A VLAN's id.
+    pub vlan_id: Option<u16>,
+    /// A bond's mode (`active-backup`, `802.3ad`, …).
+    pub bond_mode: Option<String>,
+    /// MTU.
+    pub mtu: u32,
 }
+
+/// A route as (destination, prefix length, gateway, metric).
+pub type RouteEntry = (IpAddr, u8, Option<IpAddr>, u32);
 
 /// Blocking netlink handle.
 pub struct Netlink {
@@ -215,20 +236,149 @@ impl Netlink {
         gateway: Ipv4Addr,
         metric: u32,
     ) -> Result<(), NetError> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, prefix)
-            .output_interface(index)
-            .priority(metric);
-        if gateway.is_unspecified() {
-            b = b.scope(rtnetlink::packet_route::route::RouteScope::Link);
-        } else {
-            b = b.gateway(gateway);
-        }
+        let via = (!gateway.is_unspecified()).then_some(IpAddr::V4(gateway));
+        self.set_route(index, IpAddr::V4(dst), prefix, via, metric)
+    }
+
+    /// Sets a route of either family out of link `index` (replacing one with
+    /// the same destination and metric); `via: None` = on-link.
+    pub fn set_route(
+        &self,
+        index: u32,
+        dst: IpAddr,
+        prefix: u8,
+        via: Option<IpAddr>,
+        metric: u32,
+    ) -> Result<(), NetError> {
+        let msg = route_msg(index, dst, prefix, via, metric)?;
         self.rt
-            .block_on(self.handle.route().add(b.build()).replace().execute())
+            .block_on(self.handle.route().add(msg).replace().execute())
             .map_err(req(format!(
-                "set route {dst}/{prefix} via {gateway} (metric {metric})"
+                "set route {dst}/{prefix} via {via:?} (metric {metric})"
             )))
+    }
+
+    /// Removes a route set by [`Netlink::set_route`]; a missing one is fine.
+    pub fn del_route(
+        &self,
+        index: u32,
+        dst: IpAddr,
+        prefix: u8,
+        via: Option<IpAddr>,
+        metric: u32,
+    ) -> Result<(), NetError> {
+        let msg = route_msg(index, dst, prefix, via, metric)?;
+        match self.rt.block_on(self.handle.route().del(msg).execute()) {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => Ok(()),
+            r => r.map_err(req(format!("delete route {dst}/{prefix} via {via:?}"))),
+        }
+    }
+
+    /// Routes of the main table out of link `index`, both families:
+    /// (destination, prefix length, gateway, metric).
+    pub fn routes(&self, index: u32) -> Result<Vec<RouteEntry>, NetError> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let ip = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for (q, any) in [
+            (
+                RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ),
+            (
+                RouteMessageBuilder::<Ipv6Addr>::new().build(),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ),
+        ] {
+            let msgs: Vec<_> = self
+                .rt
+                .block_on(self.handle.route().get(q).execute().try_collect())
+                .map_err(req(format!("list routes of link {index}")))?;
+            for m in msgs {
+                let (mut dst, mut gw, mut oif, mut metric, mut table) =
+                    (any, None, None, 0, u32::from(m.header.table));
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(d) => dst = ip(d).unwrap_or(any),
+                        RouteAttribute::Gateway(g) => gw = ip(g),
+                        RouteAttribute::Oif(o) => oif = Some(*o),
+                        RouteAttribute::Priority(p) => metric = *p,
+                        RouteAttribute::Table(t) => table = *t,
+                        _ => {}
+                    }
+                }
+                if oif == Some(index) && table == 254 {
+                    out.push((dst, m.header.destination_prefix_length, gw, metric));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates an 802.1Q VLAN link on `parent` (down; see [`Netlink::set_up`]).
+    pub fn create_vlan(&self, name: &str, parent: u32, id: u16) -> Result<u32, NetError> {
+        let msg = LinkVlan::new(name, parent, id).build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(req(format!(
+                "create VLAN {name} (id {id}) on link {parent}"
+            )))?;
+        self.index_of(name)
+    }
+
+    /// Creates a bond in `mode` (`active-backup` or `802.3ad`).
+    pub fn create_bond(&self, name: &str, mode: &str, miimon_ms: u32) -> Result<u32, NetError> {
+        let mode = match mode {
+            "802.3ad" => BondMode::Ieee8023Ad,
+            _ => BondMode::ActiveBackup,
+        };
+        let msg = LinkBond::new(name).mode(mode).miimon(miimon_ms).build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(req(format!("create bond {name}")))?;
+        self.index_of(name)
+    }
+
+    /// Makes `index` a port of bond `master`: the kernel wants the port down
+    /// while it joins; it is set up again afterwards.
+    pub fn enslave(&self, index: u32, master: u32) -> Result<(), NetError> {
+        self.set_down(index)?;
+        let msg = LinkUnspec::new_with_index(index).controller(master).build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(req(format!("add link {index} to bond {master}")))?;
+        self.set_up(index)
+    }
+
+    /// Takes `index` out of its bond or bridge.
+    pub fn release(&self, index: u32) -> Result<(), NetError> {
+        let msg = LinkUnspec::new_with_index(index).nocontroller().build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(req(format!("release link {index} from its master")))
+    }
+
+    /// Sets a link down.
+    pub fn set_down(&self, index: u32) -> Result<(), NetError> {
+        let msg = LinkUnspec::new_with_index(index).down().build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(req(format!("set link {index} down")))
+    }
+
+    /// Isolates a bridge port: isolated ports cannot exchange frames with
+    /// each other, only with the bridge itself and non-isolated ports.
+    pub fn set_port_isolated(&self, index: u32, isolated: bool) -> Result<(), NetError> {
+        let msg = LinkBridgePort::new(index)
+            .append_info_data(InfoBridgePort::Isolated(isolated))
+            .build();
+        self.rt
+            .block_on(self.handle.link().set_port(msg).execute())
+            .map_err(req(format!("set bridge port {index} isolated={isolated}")))
     }
 
     /// Creates a bridge (or finds it) and sets it up; returns its index.
@@ -283,16 +433,62 @@ impl Netlink {
     }
 }
 
+fn route_msg(
+    index: u32,
+    dst: IpAddr,
+    prefix: u8,
+    via: Option<IpAddr>,
+    metric: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage, NetError> {
+    use rtnetlink::packet_route::route::RouteScope;
+    let mismatch = || {
+        NetError::NoLink(format!(
+            "route {dst}/{prefix}: gateway {via:?} is another address family"
+        ))
+    };
+    Ok(match dst {
+        IpAddr::V4(d) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d, prefix)
+                .output_interface(index)
+                .priority(metric);
+            b = match via {
+                None => b.scope(RouteScope::Link),
+                Some(IpAddr::V4(g)) => b.gateway(g),
+                Some(IpAddr::V6(_)) => return Err(mismatch()),
+            };
+            b.build()
+        }
+        IpAddr::V6(d) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d, prefix)
+                .output_interface(index)
+                .priority(metric);
+            b = match via {
+                None => b,
+                Some(IpAddr::V6(g)) => b.gateway(g),
+                Some(IpAddr::V4(_)) => return Err(mismatch()),
+            };
+            b.build()
+        }
+    })
+}
+
 fn link_info(m: LinkMessage) -> LinkInfo {
+    use rtnetlink::packet_route::link::{LinkFlags, LinkInfo as Info};
     let mut info = LinkInfo {
         index: m.header.index,
         name: String::new(),
         mac: None,
         virtual_kind: false,
-        carrier: m
-            .header
-            .flags
-            .contains(rtnetlink::packet_route::link::LinkFlags::LowerUp),
+        carrier: m.header.flags.contains(LinkFlags::LowerUp),
+        up: m.header.flags.contains(LinkFlags::Up),
+        kind: None,
+        master: None,
+        parent: None,
+        vlan_id: None,
+        bond_mode: None,
+        mtu: 0,
     };
     for a in m.attributes {
         match a {
@@ -302,9 +498,42 @@ fn link_info(m: LinkMessage) -> LinkInfo {
                 mac.copy_from_slice(&a);
                 info.mac = Some(mac);
             }
-            LinkAttribute::LinkInfo(_) => info.virtual_kind = true,
+            LinkAttribute::LinkInfo(infos) => {
+                info.virtual_kind = true;
+                for i in infos {
+                    match i {
+                        Info::Kind(k) => info.kind = Some(kind_name(&k)),
+                        Info::Data(InfoData::Vlan(v)) => {
+                            info.vlan_id = v.iter().find_map(|x| match x {
+                                InfoVlan::Id(id) => Some(*id),
+                                _ => None,
+                            })
+                        }
+                        Info::Data(InfoData::Bond(b)) => {
+                            info.bond_mode = b.iter().find_map(|x| match x {
+                                InfoBond::Mode(m) => Some(m.to_string()),
+                                _ => None,
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            LinkAttribute::Controller(c) => info.master = Some(c),
+            LinkAttribute::Link(p) => info.parent = Some(p),
+            LinkAttribute::Mtu(m) => info.mtu = m,
             _ => {}
         }
     }
     info
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Vlan => "vlan".into(),
+        InfoKind::Bond => "bond".into(),
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Veth => "veth".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }

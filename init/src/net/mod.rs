@@ -5,6 +5,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod link;
 pub mod nft;
+pub mod node;
 pub mod proxy;
 pub mod sntp;
 
@@ -14,12 +15,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 /// The node's uplink as configured.
-#[derive(Debug, Clone)]
 pub struct NodeNet {
     /// Interface name.
     pub iface: String,
-    /// Its index.
-    pub index: u32,
     /// Its MAC.
     pub mac: [u8; 6],
     /// Address (the first lease's, for DHCP).
@@ -28,13 +26,13 @@ pub struct NodeNet {
     pub prefix: u8,
     /// `dhcp` or `static`.
     pub source: &'static str,
-    /// Every uplink in use: (name, index).
-    pub links: Vec<(String, u32)>,
     /// NTP servers (DHCP option 42).
     pub ntp: Vec<Ipv4Addr>,
     /// The node's resolvers (all links, merged), kept current as leases
     /// change; the workload DNS relay forwards to these.
     pub resolvers: dns::Upstream,
+    /// DHCP clients, manifest links and settings (the reconcile's state).
+    pub config: node::NodeConfig,
 }
 
 /// Every MAC-bearing, non-virtual link (the uplink candidates), by index;
@@ -82,92 +80,64 @@ pub fn bring_up_uplink(want: Option<&str>, hostname: &str, fixed: Option<&Static
             }
         }
     };
+    let resolvers: dns::Upstream = std::sync::Arc::new(std::sync::RwLock::new(Vec::new()));
+    let book = std::sync::Arc::new(std::sync::Mutex::new(node::DnsBook::new(resolvers.clone())));
+    let mut config = node::NodeConfig::new(hostname, book.clone());
+    let links: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
     if let Some(f) = fixed {
         let up = &ups[0];
-        write_resolv_conf_logged(&f.dns, None);
+        book.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(0, "cmdline", &f.dns, None);
         tracing::info!(iface = %up.name, address = %format!("{}/{}", f.address, f.prefix), gateway = ?f.gateway, dns = ?f.dns, "static address applied (ip=)");
         return NodeNet {
             iface: up.name.clone(),
-            index: up.index,
             mac: up.mac.unwrap_or_default(),
             address: f.address,
             prefix: f.prefix,
             source: "static",
-            links: vec![(up.name.clone(), up.index)],
             ntp: Vec::new(),
-            resolvers: std::sync::Arc::new(std::sync::RwLock::new(f.dns.clone())),
+            resolvers,
+            config,
         };
     }
-    let links: Vec<(String, u32)> = ups.iter().map(|u| (u.name.clone(), u.index)).collect();
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, dhcp::Lease)>();
-    for (n, up) in ups.iter().enumerate() {
-        let mac = up.mac.unwrap_or_default();
-        let metric = 100 + n as u32;
-        tracing::info!(iface = %up.name, mac = %fmt_mac(&mac), metric, "uplink up, starting DHCP");
-        let (ltx, lrx) = std::sync::mpsc::channel::<dhcp::Lease>();
-        let (name, index, host) = (up.name.clone(), up.index, hostname.to_string());
-        let _ = std::thread::Builder::new()
-            .name(format!("dhcp-{name}"))
-            .spawn(move || dhcp::driver::run(name, index, mac, metric, host, ltx));
-        let tx = tx.clone();
-        let _ = std::thread::Builder::new()
-            .name(format!("dhcp-fwd{n}"))
-            .spawn(move || lrx.into_iter().for_each(|l| drop(tx.send((n, l)))));
-    }
-    drop(tx);
-    let (n, first) = loop {
-        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
-            Ok(x) => break x,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                tracing::warn!(links = ?links, "still waiting for a DHCP lease")
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                tracing::error!("every DHCP client thread is gone");
-                std::thread::sleep(std::time::Duration::from_secs(3600));
+    let (tx, rx) = std::sync::mpsc::channel::<(String, dhcp::Lease)>();
+    config.report_leases_to(tx);
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        let started = Netlink::new().map_err(|e| e.to_string()).and_then(|nl| {
+            ups.iter()
+                .enumerate()
+                .try_for_each(|(n, up)| config.default_dhcp_on(&nl, &up.name, 100 + n as u32))
+        });
+        match started {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(error = %e, retry_s = delay.as_secs(), "DHCP not started yet");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
             }
         }
+    }
+    let (name, first) = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(x) => break x,
+            Err(_) => tracing::warn!(links = ?links, "still waiting for a DHCP lease"),
+        }
     };
-    // Resolvers of every link, in metric order; rewritten when any changes.
-    let mut dns_by_link = std::collections::BTreeMap::new();
-    dns_by_link.insert(n, first.dns.clone());
-    write_resolv_conf_logged(&merged_dns(&dns_by_link), first.domain.as_deref());
-    let resolvers: dns::Upstream =
-        std::sync::Arc::new(std::sync::RwLock::new(merged_dns(&dns_by_link)));
-    let shared = resolvers.clone();
-    let _ = std::thread::Builder::new()
-        .name("dhcp-dns".into())
-        .spawn(move || {
-            for (n, l) in rx {
-                if dns_by_link.get(&n) != Some(&l.dns) {
-                    dns_by_link.insert(n, l.dns.clone());
-                    let merged = merged_dns(&dns_by_link);
-                    write_resolv_conf_logged(&merged, l.domain.as_deref());
-                    *shared.write().unwrap_or_else(|e| e.into_inner()) = merged;
-                }
-            }
-        });
-    let up = &ups[n];
+    // Only the first lease is waited for; later ones need no listener.
+    drop(rx);
+    let up = ups.iter().find(|u| u.name == name).unwrap_or(&ups[0]);
     NodeNet {
         iface: up.name.clone(),
-        index: up.index,
         mac: up.mac.unwrap_or_default(),
         address: first.address,
         prefix: first.prefix,
         ntp: first.ntp.clone(),
         source: "dhcp",
-        links,
         resolvers,
+        config,
     }
-}
-
-fn merged_dns(by_link: &std::collections::BTreeMap<usize, Vec<Ipv4Addr>>) -> Vec<Ipv4Addr> {
-    let mut v: Vec<Ipv4Addr> = Vec::new();
-    for d in by_link.values().flatten() {
-        if !v.contains(d) {
-            v.push(*d);
-        }
-    }
-    v
 }
 
 fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
@@ -181,7 +151,7 @@ fn apply_static(up: &link::LinkInfo, f: &StaticIp) -> Result<(), String> {
     Ok(())
 }
 
-fn write_resolv_conf_logged(dns: &[Ipv4Addr], domain: Option<&str>) {
+pub(crate) fn write_resolv_conf_logged(dns: &[Ipv4Addr], domain: Option<&str>) {
     if let Err(e) = write_resolv_conf(dns, domain) {
         tracing::error!(error = %e, "writing /etc/resolv.conf failed");
     }
@@ -239,6 +209,9 @@ pub struct WorkloadNet {
     /// Stable per name for the life of the node, so restarts keep addresses.
     by_name: BTreeMap<String, (Ipv4Addr, u32)>,
     next_slot: u32,
+    /// `workload_reachability = "isolated"`: bridge ports isolated and no
+    /// routing between workloads except published (DNATed) traffic.
+    isolated: bool,
 }
 
 impl WorkloadNet {
@@ -278,6 +251,7 @@ impl WorkloadNet {
             prefix,
             by_name: BTreeMap::new(),
             next_slot: 2,
+            isolated: false,
         })
     }
 
@@ -288,7 +262,31 @@ impl WorkloadNet {
             prefix: self.prefix,
             bridge: BRIDGE.to_string(),
             dnat,
+            isolate: self.isolated,
         })
+    }
+
+    /// Sets reachability between workloads (applied to the ports now and
+    /// to every later one; the NAT rules follow on the next `apply_nat`).
+    pub fn set_isolated(&mut self, isolated: bool) {
+        if self.isolated == isolated {
+            return;
+        }
+        self.isolated = isolated;
+        tracing::info!(isolated, "workload reachability changed");
+        let ports: Vec<u32> = self
+            .nl
+            .links()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.master == Some(self.bridge))
+            .map(|l| l.index)
+            .collect();
+        for p in ports {
+            if let Err(e) = self.nl.set_port_isolated(p, isolated) {
+                tracing::error!(port = p, error = %e, "bridge port isolation not set");
+            }
+        }
     }
 
     /// The subnet as configured.
@@ -345,6 +343,11 @@ impl WorkloadNet {
         self.nl
             .set_master_up(hi, self.bridge)
             .map_err(|e| e.to_string())?;
+        if self.isolated {
+            self.nl
+                .set_port_isolated(hi, true)
+                .map_err(|e| e.to_string())?;
+        }
         self.nl
             .move_to_pid_netns(pi, pid)
             .map_err(|e| e.to_string())?;

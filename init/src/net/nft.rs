@@ -64,6 +64,9 @@ pub struct NatPlan {
     pub bridge: String,
     /// Published ports.
     pub dnat: Vec<Dnat>,
+    /// Workloads may not reach each other directly (routed through the
+    /// node either): only DNATed (published) traffic crosses the bridge.
+    pub isolate: bool,
 }
 
 /// Builds netlink attributes.
@@ -143,6 +146,7 @@ fn immediate(reg: u32, value: &[u8]) -> Expr {
 
 const CMP_EQ: u32 = 0;
 const CMP_NEQ: u32 = 1;
+const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
 const META_L4PROTO: u32 = 16;
 const BASE_NETWORK: u32 = 1;
@@ -198,10 +202,14 @@ struct Msg {
 }
 
 fn chain(name: &str, hook: u32, priority: i32) -> Msg {
+    chain_of_type(name, hook, priority, "nat")
+}
+
+fn chain_of_type(name: &str, hook: u32, priority: i32, ty: &str) -> Msg {
     let mut h = Attrs::default();
     h.be32(1, hook).be32(2, priority as u32);
     let mut a = Attrs::default();
-    a.str(1, TABLE).str(3, name).nest(4, h).str(7, "nat");
+    a.str(1, TABLE).str(3, name).nest(4, h).str(7, ty);
     Msg {
         ty: NFT_MSG_NEWCHAIN,
         flags: NLM_F_CREATE,
@@ -271,7 +279,37 @@ fn ruleset(plan: &NatPlan) -> Vec<Msg> {
     hairpin.push(cmp(CMP_NEQ, &0u32.to_ne_bytes()));
     hairpin.push(masq());
     m.push(rule("postrouting", hairpin));
+    if plan.isolate {
+        // forward: iifname BRIDGE oifname BRIDGE ct status & dnat == 0 drop
+        m.push(chain_of_type("forward", 2, 0, "filter"));
+        m.push(rule(
+            "forward",
+            vec![
+                meta(META_IIFNAME),
+                cmp(CMP_EQ, &ifname_bytes(&plan.bridge)),
+                meta(META_OIFNAME),
+                cmp(CMP_EQ, &ifname_bytes(&plan.bridge)),
+                expr("ct", |a| {
+                    a.be32(1, REG1).be32(2, 2);
+                }),
+                bitwise(&0x20u32.to_ne_bytes()),
+                cmp(CMP_EQ, &0u32.to_ne_bytes()),
+                drop_verdict(),
+            ],
+        ));
+    }
     m
+}
+
+/// `immediate` of the verdict NF_DROP into the verdict register.
+fn drop_verdict() -> Expr {
+    expr("immediate", |a| {
+        let mut code = Attrs::default();
+        code.be32(1, 0); // NFTA_VERDICT_CODE = NF_DROP
+        let mut data = Attrs::default();
+        data.nest(2, code); // NFTA_DATA_VERDICT
+        a.be32(1, 0).nest(2, data); // DREG = NFT_REG_VERDICT, DATA
+    })
 }
 
 fn nlmsg(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) {
@@ -429,6 +467,7 @@ mod tests {
                 to: Ipv4Addr::new(10, 88, 0, 2),
                 to_port: 80,
             }],
+            isolate: false,
         }
     }
 
@@ -520,6 +559,7 @@ mod tests {
                 to: Ipv4Addr::new(10, 88, 0, 3),
                 to_port: 53,
             });
+            p2.isolate = true;
             apply(&p2).expect("second apply replaces the table");
             let o = std::process::Command::new("/usr/sbin/nft")
                 .args(["list", "table", "ip", TABLE])
@@ -545,6 +585,17 @@ mod tests {
             out.matches("dport 8080").count(),
             2,
             "prerouting + output, not duplicated by the second apply: {out}"
+        );
+        assert!(
+            out.contains("type filter hook forward priority filter"),
+            "{out}"
+        );
+        assert!(
+            out.contains("iifname \"cairn0\" oifname \"cairn0\" ct status & dnat == 0 drop")
+                || out
+                    .contains("iifname \"cairn0\" oifname \"cairn0\" ct status & dnat == 0x0 drop")
+                || out.contains("iifname \"cairn0\" oifname \"cairn0\" ct status ! dnat drop"),
+            "isolation rule: {out}"
         );
     }
 }

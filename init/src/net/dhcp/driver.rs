@@ -6,7 +6,8 @@ use super::client::{Action, Client, Config, Dest, Lease};
 use crate::net::link::Netlink;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A UDP socket on port 68 that only sees `iface`'s packets. The device
@@ -113,23 +114,57 @@ pub fn apply(
     Ok(())
 }
 
-/// Runs DHCP on `iface` forever, its routes at `metric`. Every applied
-/// lease (the first, renewals, a new one after expiry) is sent on `leases`.
-pub fn run(
-    iface: String,
-    index: u32,
-    mac: [u8; 6],
-    metric: u32,
-    hostname: String,
-    leases: Sender<Lease>,
-) {
-    let mut delay = Duration::from_secs(1);
-    loop {
-        if let Err(e) = drive(&iface, index, mac, metric, &hostname, &leases, None, false) {
-            tracing::error!(iface = %iface, error = %e, retry_s = delay.as_secs(), "DHCP client stopped; restarting it");
+/// A DHCP client running on one link in its own thread until stopped.
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The link's name.
+    pub iface: String,
+}
+
+impl Running {
+    /// Starts DHCP on `iface`, its routes at `metric`. `on_lease` sees every
+    /// applied lease (the first, renewals, a new one after expiry). A
+    /// client that fails (socket error) is restarted with backoff.
+    pub fn spawn(
+        iface: String,
+        index: u32,
+        mac: [u8; 6],
+        metric: u32,
+        hostname: String,
+        mut on_lease: impl FnMut(&Lease) + Send + 'static,
+    ) -> io::Result<Running> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = iface.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("dhcp-{iface}"))
+            .spawn(move || {
+                let mut delay = Duration::from_secs(1);
+                while !flag.load(Ordering::SeqCst) {
+                    let r = drive(&name, index, mac, metric, &hostname, &mut on_lease, None, false, &flag);
+                    if let Err(e) = r {
+                        tracing::error!(iface = %name, error = %e, retry_s = delay.as_secs(), "DHCP client stopped; restarting it");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            })?;
+        Ok(Running {
+            stop,
+            thread: Some(thread),
+            iface,
+        })
+    }
+
+    /// Stops the client and removes its lease's address (within about a
+    /// second: the client's waits are capped).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(30));
+        tracing::info!(iface = %self.iface, "DHCP client stopped");
     }
 }
 
@@ -146,11 +181,23 @@ pub fn once_main(iface: &str) -> ! {
             .map_err(|e| e.to_string())?
             .mac
             .ok_or(format!("{iface} has no MAC address"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let mut got = None;
         let until = Instant::now() + Duration::from_secs(30);
-        drive(iface, index, mac, 0, "cairn", &tx, Some(until), true).map_err(|e| e.to_string())?;
-        rx.try_recv()
-            .map_err(|_| format!("no DHCP lease on {iface} within 30 s"))
+        let never = AtomicBool::new(false);
+        let mut keep = |l: &Lease| got = Some(l.clone());
+        drive(
+            iface,
+            index,
+            mac,
+            0,
+            "cairn",
+            &mut keep,
+            Some(until),
+            true,
+            &never,
+        )
+        .map_err(|e| e.to_string())?;
+        got.ok_or_else(|| format!("no DHCP lease on {iface} within 30 s"))
     })();
     match r {
         Ok(l) => {
@@ -165,7 +212,7 @@ pub fn once_main(iface: &str) -> ! {
 }
 
 /// The client loop; returns at `until`, after the first lease with
-/// `first_only`, or never.
+/// `first_only`, or when `stop` is set (removing the lease's address).
 #[allow(clippy::too_many_arguments)]
 fn drive(
     iface: &str,
@@ -173,9 +220,10 @@ fn drive(
     mac: [u8; 6],
     metric: u32,
     hostname: &str,
-    leases: &Sender<Lease>,
+    leases: &mut dyn FnMut(&Lease),
     until: Option<Instant>,
     first_only: bool,
+    stop: &AtomicBool,
 ) -> io::Result<()> {
     let sock = bind_socket(iface)?;
     let nl = Netlink::new().map_err(io::Error::other)?;
@@ -198,6 +246,15 @@ fn drive(
         }
         carrier = now_carrier;
         if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(());
+        }
+        if stop.load(Ordering::SeqCst) {
+            if let Some(l) = client.lease() {
+                tracing::info!(iface, address = %l.address, "DHCP stopping: removing the lease's address");
+                if let Err(e) = nl.del_address(index, IpAddr::V4(l.address), l.prefix) {
+                    tracing::error!(iface, error = %e, "removing the address failed");
+                }
+            }
             return Ok(());
         }
         let actions = client.on_timer(Instant::now());
@@ -239,7 +296,7 @@ fn perform(
     metric: u32,
     iface: &str,
     actions: Vec<Action>,
-    leases: &Sender<Lease>,
+    leases: &mut dyn FnMut(&Lease),
 ) -> bool {
     let mut bound = false;
     for a in actions {
@@ -270,7 +327,7 @@ fn perform(
                     Err(e) => tracing::error!(iface, error = %e, "applying the DHCP lease failed"),
                 }
                 bound = true;
-                let _ = leases.send(lease);
+                leases(&lease);
             }
             Action::Unbind(lease) => {
                 tracing::warn!(iface, address = %lease.address, "DHCP lease lost: removing the address");
@@ -356,7 +413,20 @@ mod tests {
                 let index = nl.index_of("dh-c").unwrap();
                 let mac = nl.link(index).unwrap().mac.unwrap();
                 let until = Instant::now() + Duration::from_secs(secs);
-                drive("dh-c", index, mac, 100, "lab-node", &tx, Some(until), false).unwrap();
+                let mut send = |l: &Lease| drop(tx.send(l.clone()));
+                let never = AtomicBool::new(false);
+                drive(
+                    "dh-c",
+                    index,
+                    mac,
+                    100,
+                    "lab-node",
+                    &mut send,
+                    Some(until),
+                    false,
+                    &never,
+                )
+                .unwrap();
             });
             (t, rx)
         }
