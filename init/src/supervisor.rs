@@ -887,11 +887,13 @@ impl<'a> Supervisor<'a> {
                 s.address = Some(st.address);
                 s.error = None;
                 s.answering = false;
+                // Probed the way clients come: the published port on the
+                // node's own address (DNAT from the node itself).
                 if let Some(p) = s.w.ports().into_iter().find(|p| p.protocol == "tcp") {
                     spawn_answer_probe(
                         name.to_string(),
                         s.gen,
-                        SocketAddrV4::new(st.address, p.container),
+                        SocketAddrV4::new(self.boot.uplink.address, p.host),
                         self.tx.clone(),
                     );
                 }

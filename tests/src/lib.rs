@@ -6,6 +6,8 @@
 //! owns it drops (and QEMU also dies with the test via PR_SET_PDEATHSIG);
 //! the namespace and temp directory are removed the same way.
 
+pub mod vlan;
+
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -141,8 +143,13 @@ pub struct TestNet {
     pub host_ip: String,
     /// Temp dir for everything the test writes.
     pub dir: tempfile::TempDir,
+    /// NICs the node gets (tap0.. on br0, MACs 52:54:00:77:00:10..); 2 by default.
+    pub nics: usize,
     procs: Vec<Proc>,
 }
+
+/// Taps created on the test bridge (the most NICs a test boots with).
+const TAPS: usize = 4;
 
 impl TestNet {
     /// Creates the namespace with a bridge, a tap for QEMU and dnsmasq.
@@ -153,6 +160,7 @@ impl TestNet {
             ns: ns.clone(),
             host_ip: "10.77.0.1".into(),
             dir,
+            nics: 2,
             procs: Vec::new(),
         };
         run(Command::new("ip").args(["netns", "add", &ns]))?;
@@ -161,9 +169,10 @@ impl TestNet {
         ipn(&["link", "add", "br0", "type", "bridge"])?;
         ipn(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
         ipn(&["link", "set", "br0", "up"])?;
-        for tap in ["tap0", "tap1"] {
-            ipn(&["tuntap", "add", tap, "mode", "tap"])?;
-            ipn(&["link", "set", tap, "master", "br0", "up"])?;
+        for n in 0..TAPS {
+            let tap = format!("tap{n}");
+            ipn(&["tuntap", "add", &tap, "mode", "tap"])?;
+            ipn(&["link", "set", &tap, "master", "br0", "up"])?;
         }
         Ok(net)
     }
@@ -294,12 +303,48 @@ impl TestNet {
         .arg(initrd)
         .arg("-append")
         .arg(append)
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:10"])
-        // A second NIC on the same network: DHCP runs on both.
-        .args(["-netdev", "tap,id=n1,ifname=tap1,script=no,downscript=no"])
-        .args(["-device", "virtio-net-pci,netdev=n1,mac=52:54:00:77:00:11"]);
+        // The human monitor on a socket, for link up/down (`set_link`).
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server,nowait",
+            self.monitor_path().display()
+        ));
+        // Every NIC on the same network: DHCP runs on all of them.
+        for n in 0..self.nics.min(TAPS) {
+            c.arg("-netdev")
+                .arg(format!("tap,id=n{n},ifname=tap{n},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n{n},mac={}", Self::mac(n)));
+        }
         self.start("qemu", c)
+    }
+
+    /// The MAC of the node's NIC number `n` (`eth{n}`).
+    pub fn mac(n: usize) -> String {
+        format!("52:54:00:77:00:{:02x}", 0x10 + n)
+    }
+
+    fn monitor_path(&self) -> PathBuf {
+        self.dir.path().join("qemu-monitor.sock")
+    }
+
+    /// Sends one command to QEMU's human monitor (e.g. `set_link n2 off`:
+    /// the guest's NIC loses carrier) and returns its answer.
+    pub fn monitor(&self, command: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.monitor_path())
+            .context("QEMU monitor socket")?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        writeln!(s, "{command}")?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Stops (kills and reaps) the named process, e.g. `qemu`.

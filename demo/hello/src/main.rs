@@ -6,9 +6,11 @@
 //! workload that exits (`GET /exit` makes it exit with status 3).
 //! `GET /fetch?to=HOST:PORT/PATH` makes an outbound HTTP request and returns
 //! what came back, which proves outbound NAT and name resolution.
+//! UDP on the same port echoes each datagram back as
+//! `udp host=NAME instance=ID got=PAYLOAD` (published UDP ports).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -244,8 +246,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    match UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(sock) => {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || udp_echo(&state, &sock));
+        }
+        Err(e) => eprintln!("hello: no UDP echo on port {port}: {e}"),
+    }
     eprintln!(
-        "hello: listening on 0.0.0.0:{port} host={} instance={}",
+        "hello: listening on 0.0.0.0:{port} (tcp + udp) host={} instance={}",
         state.host, state.instance
     );
     for conn in listener.incoming() {
@@ -263,6 +272,33 @@ fn main() {
     }
 }
 
+/// Answers every datagram with who we are and what came in.
+fn udp_echo(state: &State, sock: &UdpSocket) {
+    let mut buf = [0u8; 1500];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let got = String::from_utf8_lossy(&buf[..n.min(200)]).into_owned();
+                let reply = udp_reply(state, got.trim());
+                if let Err(e) = sock.send_to(reply.as_bytes(), from) {
+                    eprintln!("hello: udp reply to {from}: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("hello: udp recv: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn udp_reply(state: &State, got: &str) -> String {
+    format!(
+        "udp host={} instance={} got={got}\n",
+        state.host, state.instance
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +309,19 @@ mod tests {
             instance: "abc".into(),
             requests: AtomicU64::new(0),
         }
+    }
+
+    #[test]
+    fn udp_echo_answers_over_loopback() {
+        let sock = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        let addr = sock.local_addr().unwrap();
+        std::thread::spawn(move || udp_echo(&state(), &sock));
+        let c = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.send_to(b"ping 1\n", addr).unwrap();
+        let mut buf = [0u8; 200];
+        let n = c.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"udp host=node1 instance=abc got=ping 1\n");
     }
 
     #[test]

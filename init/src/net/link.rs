@@ -39,8 +39,10 @@ pub struct LinkInfo {
     pub index: u32,
     /// Name.
     pub name: String,
-    /// MAC address.
+    /// MAC address (a bond's ports take the bond's).
     pub mac: Option<[u8; 6]>,
+    /// The hardware's own MAC (IFLA_PERM_ADDRESS), when the driver has one.
+    pub perm_mac: Option<[u8; 6]>,
     /// Has a kind (bridge, veth, ...) rather than being a plain NIC.
     pub virtual_kind: bool,
     /// Carrier (IFF_LOWER_UP).
@@ -480,6 +482,7 @@ fn link_info(m: LinkMessage) -> LinkInfo {
         index: m.header.index,
         name: String::new(),
         mac: None,
+        perm_mac: None,
         virtual_kind: false,
         carrier: m.header.flags.contains(LinkFlags::LowerUp),
         up: m.header.flags.contains(LinkFlags::Up),
@@ -497,6 +500,11 @@ fn link_info(m: LinkMessage) -> LinkInfo {
                 let mut mac = [0u8; 6];
                 mac.copy_from_slice(&a);
                 info.mac = Some(mac);
+            }
+            LinkAttribute::PermAddress(a) if a.len() == 6 && a.iter().any(|b| *b != 0) => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&a);
+                info.perm_mac = Some(mac);
             }
             LinkAttribute::LinkInfo(infos) => {
                 info.virtual_kind = true;

@@ -224,11 +224,8 @@ pub fn plan(
     let known = || {
         nics.iter()
             .map(|l| {
-                format!(
-                    "{} ({})",
-                    l.name,
-                    l.mac.map(|m| fmt_mac(&m)).unwrap_or_default()
-                )
+                let mac = l.perm_mac.or(l.mac).map(|m| fmt_mac(&m));
+                format!("{} ({})", l.name, mac.unwrap_or_default())
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -239,9 +236,19 @@ pub fn plan(
         .map(|b| b.name.as_str())
         .chain(spec.vlans.iter().map(|v| v.name.as_str()))
         .collect();
+    let kinds: BTreeMap<&str, &str> = spec
+        .bonds
+        .iter()
+        .map(|b| (b.name.as_str(), "bond"))
+        .chain(spec.vlans.iter().map(|v| (v.name.as_str(), "vlan")))
+        .collect();
     for name in &declared {
         if let Some(l) = links.iter().find(|l| l.name == *name) {
-            if !ours.contains(*name) {
+            // The bonding driver creates an empty `bond0` at load time: a
+            // link of the declared kind with no ports is taken over.
+            let unused = l.kind.as_deref() == kinds.get(name).copied()
+                && !links.iter().any(|p| p.master == Some(l.index));
+            if !ours.contains(*name) && !unused {
                 return Err(format!(
                     "network: {name} is declared as a new link but the node already has a {} named so",
                     l.kind.as_deref().unwrap_or("NIC")
@@ -254,7 +261,7 @@ pub fn plan(
         let mac = parse_mac(m);
         nics.iter()
             .filter(|l| !nic_only || (nic_like(l) && !ours.contains(&l.name)))
-            .find(|l| l.name == m || (mac.is_some() && l.mac == mac))
+            .find(|l| l.name == m || (mac.is_some() && l.perm_mac.or(l.mac) == mac))
             .map(|l| l.name.clone())
     };
     let mut out = Plan {
@@ -540,7 +547,15 @@ impl NodeConfig {
             let name = want.name().to_string();
             let index = match nl.index_of(&name) {
                 Ok(i) if self.created.contains_key(&name) => i,
-                _ => {
+                found => {
+                    // A same-named unused link the plan allowed us to take
+                    // over (the kernel's own `bond0`): start from scratch.
+                    if let Ok(i) = found {
+                        if let Err(e) = nl.delete(i) {
+                            err(format!("replacing the existing {name}: {e}"));
+                            continue;
+                        }
+                    }
                     let r = match want {
                         WantLink::Bond {
                             mode, miimon_ms, ..
@@ -741,6 +756,7 @@ impl NodeConfig {
                     "index": l.index,
                     "kind": l.kind.as_deref().unwrap_or("nic"),
                     "mac": l.mac.map(|m| fmt_mac(&m)),
+                    "permanent_mac": l.perm_mac.map(|m| fmt_mac(&m)),
                     "up": l.up,
                     "carrier": l.carrier,
                     "mtu": l.mtu,
@@ -772,6 +788,7 @@ mod tests {
             index,
             name: name.into(),
             mac: Some([0x52, 0x54, 0, 0, 0, mac]),
+            perm_mac: None,
             virtual_kind: false,
             carrier: true,
             up: true,
@@ -936,6 +953,22 @@ mod tests {
             let got = plan(&n, &links(), &BTreeSet::new()).unwrap_err();
             assert!(got.contains(want), "case {i}: want {want:?} in {got:?}");
         }
+        // The bonding driver's own empty bond0 is taken over; one with ports is not.
+        let mut with_bond = links();
+        let mut b = nic(7, "bond0", 7);
+        b.kind = Some("bond".into());
+        with_bond.push(b);
+        let mut n = NetworkSpec::default();
+        n.bonds.push(BondSpec {
+            name: "bond0".into(),
+            mode: "802.3ad".into(),
+            members: vec!["eth1".into()],
+            miimon_ms: 100,
+        });
+        assert!(plan(&n, &with_bond, &BTreeSet::new()).is_ok());
+        with_bond[2].master = Some(7);
+        let e = plan(&n, &with_bond, &BTreeSet::new()).unwrap_err();
+        assert!(e.contains("already has a bond named so"), "{e}");
         // A link of that name that we created earlier is fine.
         let mut n = NetworkSpec::default();
         n.vlans.push(VlanSpec {
