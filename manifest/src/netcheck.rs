@@ -583,3 +583,92 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::types::{BondSpec, InterfaceSpec, RouteSpec, VlanSpec};
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,20}",
+            "[0-9a-f:./]{0,24}",
+            "(10|fd00:)[0-9.:]{0,12}/[0-9]{1,3}",
+            "eth[0-9]",
+        ]
+    }
+
+    fn spec() -> impl Strategy<Value = NetworkSpec> {
+        let iface = (
+            text(),
+            text(),
+            prop::collection::vec(text(), 0..3),
+            prop::option::of(text()),
+            prop::option::of(any::<u32>()),
+            prop::collection::vec((text(), prop::option::of(text())), 0..2),
+        )
+            .prop_map(
+                |(matches, mode, addresses, gateway, mtu, routes)| InterfaceSpec {
+                    matches,
+                    mode,
+                    addresses,
+                    gateway,
+                    mtu,
+                    routes: routes
+                        .into_iter()
+                        .map(|(to, via)| RouteSpec { to, via })
+                        .collect(),
+                    ..InterfaceSpec::default()
+                },
+            );
+        let vlan = (text(), text(), any::<u16>()).prop_map(|(name, parent, id)| VlanSpec {
+            name,
+            parent,
+            id,
+        });
+        let bond = (
+            text(),
+            text(),
+            prop::collection::vec(text(), 0..3),
+            any::<u32>(),
+        )
+            .prop_map(|(name, mode, members, miimon_ms)| BondSpec {
+                name,
+                mode,
+                members,
+                miimon_ms,
+            });
+        (
+            text(),
+            prop::collection::vec(iface, 0..4),
+            prop::collection::vec(vlan, 0..2),
+            prop::collection::vec(bond, 0..2),
+            prop::collection::vec(text(), 0..2),
+        )
+            .prop_map(
+                |(workload_subnet, interfaces, vlans, bonds, dns)| NetworkSpec {
+                    workload_subnet,
+                    interfaces,
+                    vlans,
+                    bonds,
+                    dns,
+                    ..NetworkSpec::default()
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Any network section: a verdict, never a panic; and whatever
+        /// passes survives the format 2 encoding unchanged.
+        #[test]
+        fn any_network_section_gets_a_verdict(n in spec()) {
+            let _ = validate(&n);
+            let json = serde_json::to_vec(&n).unwrap();
+            let back: NetworkSpec = serde_json::from_slice(&json).unwrap();
+            prop_assert_eq!(back, n);
+        }
+    }
+}

@@ -58,11 +58,14 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         || {
             let st = sc.status()?;
             let ifs = st["interfaces"].as_array().cloned().unwrap_or_default();
-            let leased = ifs
+            let nics: Vec<&Value> = ifs.iter().filter(|i| i["kind"] == "nic").collect();
+            let leased = nics
                 .iter()
-                .filter(|i| i["addresses"].to_string().contains("10.77.0."))
+                .filter(|i| {
+                    i["dhcp"] == true && i["lease"]["address"].to_string().contains("10.77.0.")
+                })
                 .count();
-            Ok(ifs.len() == 2 && leased == 2)
+            Ok(nics.len() == 2 && leased == 2)
         },
     )?;
     println!("interfaces: {}", sc.status()?["interfaces"]);

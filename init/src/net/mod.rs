@@ -6,6 +6,8 @@ pub mod dns;
 pub mod link;
 pub mod nft;
 pub mod node;
+#[cfg(test)]
+mod proptests;
 pub mod proxy;
 pub mod sntp;
 

@@ -747,9 +747,15 @@ impl NodeConfig {
                 .map(|l| l.name.clone())
         };
         let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        // NICs, bonds, VLANs and whatever the manifest configures; not the
+        // kernel's idle fallback devices (sit0, dummy0, …).
         links
             .iter()
             .filter(|l| !is_workload_link(l))
+            .filter(|l| {
+                matches!(l.kind.as_deref(), None | Some("bond" | "vlan"))
+                    || self.applied.contains_key(&l.name)
+            })
             .map(|l| {
                 json!({
                     "name": l.name,
