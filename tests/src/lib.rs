@@ -222,6 +222,12 @@ impl TestNet {
     /// Starts chronyd as the test network's NTP server (its clock control
     /// off); false when chrony is not installed.
     pub fn start_ntp(&mut self) -> Result<bool> {
+        let ip = self.host_ip.clone();
+        self.start_ntp_on(&ip)
+    }
+
+    /// Starts chronyd serving time on `addr` only; false without chronyd.
+    pub fn start_ntp_on(&mut self, addr: &str) -> Result<bool> {
         if which("chronyd").is_none() {
             return Ok(false);
         }
@@ -230,7 +236,7 @@ impl TestNet {
             &conf,
             format!(
                 "allow all\nlocal stratum 8\nport 123\nbindaddress {}\ncmdport 0\npidfile {}\n",
-                self.host_ip,
+                addr,
                 self.dir.path().join("chronyd.pid").display()
             ),
         )?;

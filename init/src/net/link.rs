@@ -59,6 +59,8 @@ pub struct LinkInfo {
     pub vlan_id: Option<u16>,
     /// A bond's mode (`active-backup`, `802.3ad`, …).
     pub bond_mode: Option<String>,
+    /// An active-backup bond's active port.
+    pub bond_active: Option<u32>,
     /// MTU.
     pub mtu: u32,
 }
@@ -491,6 +493,7 @@ fn link_info(m: LinkMessage) -> LinkInfo {
         parent: None,
         vlan_id: None,
         bond_mode: None,
+        bond_active: None,
         mtu: 0,
     };
     for a in m.attributes {
@@ -518,10 +521,13 @@ fn link_info(m: LinkMessage) -> LinkInfo {
                             })
                         }
                         Info::Data(InfoData::Bond(b)) => {
-                            info.bond_mode = b.iter().find_map(|x| match x {
-                                InfoBond::Mode(m) => Some(m.to_string()),
-                                _ => None,
-                            })
+                            for x in b {
+                                match x {
+                                    InfoBond::Mode(m) => info.bond_mode = Some(m.to_string()),
+                                    InfoBond::ActivePort(p) => info.bond_active = Some(p),
+                                    _ => {}
+                                }
+                            }
                         }
                         _ => {}
                     }

@@ -223,6 +223,7 @@ pub fn plan(
     let nics: Vec<&LinkInfo> = links.iter().filter(|l| !is_workload_link(l)).collect();
     let known = || {
         nics.iter()
+            .filter(|l| matches!(l.kind.as_deref(), None | Some("bond" | "vlan")))
             .map(|l| {
                 let mac = l.perm_mac.or(l.mac).map(|m| fmt_mac(&m));
                 format!("{} ({})", l.name, mac.unwrap_or_default())
@@ -770,6 +771,7 @@ impl NodeConfig {
                     "parent": if l.kind.as_deref() == Some("vlan") { name_of(l.parent) } else { None },
                     "vlan_id": l.vlan_id,
                     "bond_mode": l.bond_mode,
+                    "bond_active": name_of(l.bond_active),
                     "dhcp": self.dhcp.contains_key(&l.name),
                     "lease": leases.get(&l.name).map(|x| json!({
                         "address": format!("{}/{}", x.address, x.prefix),
@@ -803,6 +805,7 @@ mod tests {
             parent: None,
             vlan_id: None,
             bond_mode: None,
+            bond_active: None,
             mtu: 1500,
         }
     }
