@@ -8,6 +8,7 @@ mod net;
 mod oci;
 mod pid1;
 mod shim;
+mod state;
 mod supervisor;
 mod sys;
 #[cfg(test)]

@@ -189,6 +189,15 @@ struct Boot {
     applied: Option<Applied>,
     /// The manifest applied last, re-applied when the loop restarts.
     manifest: Option<Manifest>,
+    /// The state volume (or RAM) and the node's records on it.
+    volume: crate::state::Volume,
+    records: crate::state::Records,
+    /// The node's own key pair (public half in the status).
+    node_key: Option<cairn_manifest::SigningKey>,
+    /// The last known good manifest read at boot, until used or replaced.
+    lkg: Option<Vec<u8>>,
+    /// Where the running manifest came from: `hub` or `disk`.
+    manifest_source: &'static str,
     /// Generations stay unique across loop restarts, so a late event from
     /// an old preparation thread never matches a new slot.
     next_gen: u64,
@@ -206,6 +215,25 @@ pub fn run_forever(
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0);
     clock_floor(build_epoch, "image build time");
+    let volume = crate::state::bring_up();
+    timeline::mark(
+        "state",
+        &format!(
+            "state volume: {}",
+            volume.device.as_deref().unwrap_or("RAM")
+        ),
+    );
+    let records = crate::state::Records::new();
+    let node_key = records.node_key();
+    let stored_applied = records.applied();
+    let lkg = records.last_known_good();
+    if let Some(a) = &stored_applied {
+        tracing::info!(
+            version = a.version,
+            has_manifest = lkg.is_some(),
+            "applied version from the state volume (anti-rollback)"
+        );
+    }
     let (trust, trust_errors) = load_trust(&cfg);
     let hostname = cfg.node.clone().unwrap_or_else(|| "cairn".into());
     let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname, cfg.static_ip.as_ref());
@@ -280,8 +308,13 @@ pub fn run_forever(
             }
         },
         proxies: Proxies::default(),
-        applied: None,
+        applied: stored_applied,
         manifest: None,
+        volume,
+        records,
+        node_key,
+        lkg,
+        manifest_source: "hub",
         next_gen: 1,
     };
     loop {
@@ -523,7 +556,7 @@ impl<'a> Supervisor<'a> {
             Event::Fetched(Err(e)) => {
                 let changed = self.hub_error.as_deref() != Some(e.as_str());
                 self.hub_error = Some(e);
-                changed
+                self.apply_last_known_good("the hub is unreachable") || changed
             }
             Event::Exited { pid, status } => self.on_exit(pid, status),
             Event::Prepared { name, gen, result } => self.on_prepared(&name, gen, result),
@@ -574,10 +607,20 @@ impl<'a> Supervisor<'a> {
                 );
                 tracing::info!(version = m.version, "applying manifest");
                 clock_floor(m.issued_at, "manifest issue time");
+                self.boot.records.save_applied(&applied, bytes);
+                self.boot.lkg = None;
+                self.boot.manifest_source = "hub";
                 self.boot.applied = Some(applied);
                 self.manifest_state = "applied";
                 self.manifest_error = None;
                 self.apply(*m);
+            }
+            // After a reboot the hub serves what we applied before it:
+            // nothing new, but nothing runs yet either.
+            Ok((Decision::Unchanged, _)) if self.boot.manifest.is_none() => {
+                self.boot.lkg = Some(bytes.to_vec());
+                self.apply_last_known_good("the hub serves the applied version");
+                self.boot.manifest_source = "hub";
             }
             Ok((Decision::Unchanged, _)) => {
                 // The hub is back to serving what we run (e.g. after it served
@@ -625,6 +668,45 @@ impl<'a> Supervisor<'a> {
                 let msg = format!("workload network {subnet} could not be created: {e}");
                 tracing::error!("{msg}");
                 self.boot.net_error = Some(msg);
+            }
+        }
+    }
+
+    /// Applies the stored last known good manifest when nothing runs yet;
+    /// true when it did.
+    fn apply_last_known_good(&mut self, why: &str) -> bool {
+        if self.boot.manifest.is_some() {
+            return false;
+        }
+        let (Some(bytes), Some(applied)) = (self.boot.lkg.take(), self.boot.applied.clone()) else {
+            return false;
+        };
+        match cairn_manifest::verify_stored(&bytes, &self.boot.trust, &self.boot.node, &applied) {
+            Ok(m) => {
+                tracing::warn!(
+                    version = m.version,
+                    stale = now_unix() > m.expires_at,
+                    "{why}: applying the last known good manifest from the state volume"
+                );
+                timeline::mark(
+                    "manifest-verified",
+                    &format!("manifest version {} (last known good)", m.version),
+                );
+                clock_floor(m.issued_at, "manifest issue time");
+                self.manifest_state = "applied";
+                self.manifest_error = None;
+                self.boot.manifest_source = "disk";
+                self.apply(m);
+                true
+            }
+            Err(rej) => {
+                tracing::error!(
+                    code = rej.code(),
+                    "the stored manifest is not usable: {rej}"
+                );
+                self.manifest_error =
+                    Some((rej.code().to_string(), format!("stored manifest: {rej}")));
+                true
             }
         }
     }
@@ -1103,7 +1185,13 @@ impl<'a> Supervisor<'a> {
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
             "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
                 .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).collect::<Vec<_>>(),
+            "storage": self.boot.volume.status(),
+            "node_key": self.boot.node_key.as_ref().map(|k| json!({
+                "id": k.id().0,
+                "public": hex::encode(k.verifying_key().as_bytes()),
+            })),
             "manifest": {
+                "source": self.boot.manifest_source,
                 "applied_version": self.boot.applied.as_ref().map(|a| a.version),
                 "state": self.manifest_state,
                 "error": self.manifest_error.as_ref().map(|e| e.1.clone()),

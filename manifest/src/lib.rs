@@ -17,4 +17,4 @@ pub mod verify;
 pub use envelope::{Envelope, EnvelopeError, FORMAT_V1, FORMAT_V2, SUPPORTED_FORMATS};
 pub use keys::{KeyError, KeyId, SigningKey, TrustStore};
 pub use types::*;
-pub use verify::{verify, Applied, Decision, Rejection};
+pub use verify::{verify, verify_stored, Applied, Decision, Rejection};

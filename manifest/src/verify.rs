@@ -160,6 +160,29 @@ pub fn verify(
     Ok((Decision::Apply(Box::new(manifest)), this))
 }
 
+/// Re-verifies the manifest a node stored after applying it (its last
+/// known good): signature, node and validity as usual, and it must be
+/// exactly the `applied` version (same payload hash). Expiry is not
+/// checked: a node without its hub runs it and reports it stale.
+pub fn verify_stored(
+    bytes: &[u8],
+    trust: &TrustStore,
+    node: &str,
+    applied: &Applied,
+) -> Result<Manifest, Rejection> {
+    let (decision, this) = verify(bytes, trust, node, 0, None)?;
+    if this != *applied {
+        return Err(Rejection::Rollback {
+            applied: applied.version,
+            offered: this.version,
+        });
+    }
+    match decision {
+        Decision::Apply(m) => Ok(*m),
+        Decision::Unchanged => unreachable!("verify without an applied state never says unchanged"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +364,33 @@ port = [{{ host = 8080, container = 80 }}]
         m.containers.push(m.containers[0].clone());
         let e = verify(&Envelope::seal(&m, &k).to_bytes(), &t, "n1", NOW, None).unwrap_err();
         assert!(e.to_string().contains("duplicate workload name"), "{e}");
+    }
+
+    #[test]
+    fn stored_manifest_must_be_the_applied_one_but_may_be_expired() {
+        let k = SigningKey::from_seed([3; 32]);
+        let mut t = TrustStore::new();
+        t.add(k.verifying_key());
+        let mut m = manifest("n1", 4);
+        m.expires_at = 1000;
+        m.issued_at = 10;
+        let bytes = Envelope::seal(&m, &k).to_bytes();
+        let (_, applied) = verify(&bytes, &t, "n1", 500, None).unwrap();
+        assert_eq!(verify_stored(&bytes, &t, "n1", &applied).unwrap(), m);
+        let newer = Applied {
+            version: 5,
+            payload_sha256: applied.payload_sha256.clone(),
+        };
+        assert_eq!(
+            verify_stored(&bytes, &t, "n1", &newer).unwrap_err().code(),
+            "rollback"
+        );
+        assert_eq!(
+            verify_stored(&bytes, &t, "n2", &applied)
+                .unwrap_err()
+                .code(),
+            "wrong-node"
+        );
     }
 
     /// Format 1 wire bytes are frozen: this fixed envelope (postcard, signed

@@ -145,6 +145,8 @@ pub struct TestNet {
     pub dir: tempfile::TempDir,
     /// NICs the node gets (tap0.. on br0, MACs 52:54:00:77:00:10..); 2 by default.
     pub nics: usize,
+    /// A raw disk image attached as a virtio disk (`vda`), if any.
+    pub disk: Option<PathBuf>,
     procs: Vec<Proc>,
 }
 
@@ -161,6 +163,7 @@ impl TestNet {
             host_ip: "10.77.0.1".into(),
             dir,
             nics: 2,
+            disk: None,
             procs: Vec::new(),
         };
         run(Command::new("ip").args(["netns", "add", &ns]))?;
@@ -315,6 +318,11 @@ impl TestNet {
             "unix:{},server,nowait",
             self.monitor_path().display()
         ));
+        if let Some(d) = &self.disk {
+            c.arg("-drive")
+                .arg(format!("file={},if=none,id=d0,format=raw", d.display()))
+                .args(["-device", "virtio-blk-pci,drive=d0,serial=CAIRN-E2E-DISK"]);
+        }
         // Every NIC on the same network: DHCP runs on all of them.
         for n in 0..self.nics.min(TAPS) {
             c.arg("-netdev")

@@ -1,0 +1,332 @@
+//! The state volume at boot: find the disk, partition and format it on
+//! first use, mount it over `/var/lib/cairn` (layers, node state), or run
+//! from RAM and say why. Then the node's persistent records on it: the
+//! applied version and last known good manifest (anti-rollback across
+//! reboots) and the node's own key pair.
+
+use cairn_manifest::{Applied, SigningKey};
+use cairn_storage::disks::{self, Content, Disk};
+use cairn_storage::{ext4, files, gpt};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the state volume is mounted (the OCI store's root).
+pub const ROOT: &str = crate::container::STATE_ROOT;
+const NODE_DIR: &str = "node";
+
+/// What boot found and did.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// Every disk seen, with what is on it (for the status).
+    pub disks: Vec<(Disk, String)>,
+    /// The partition mounted, or `None` when running from RAM.
+    pub device: Option<String>,
+    /// Formatted during this boot, and how long it took.
+    pub formatted_ms: Option<u128>,
+    /// Why the node runs from RAM (or why a disk was not used).
+    pub notes: Vec<String>,
+}
+
+impl Volume {
+    /// Status entry.
+    pub fn status(&self) -> Value {
+        let (total, free) = fs_space(Path::new(ROOT));
+        json!({
+            "mode": if self.device.is_some() { "disk" } else { "ram" },
+            "device": self.device,
+            "mounted_at": ROOT,
+            "formatted_this_boot_ms": self.formatted_ms,
+            "total_bytes": total,
+            "free_bytes": free,
+            "notes": self.notes,
+            "disks": self.disks.iter().map(|(d, c)| json!({
+                "name": d.name, "bytes": d.bytes, "bus": d.bus, "model": d.model,
+                "serial": d.serial, "rotational": d.rotational, "removable": d.removable,
+                "read_only": d.read_only, "partitions": d.partitions, "content": c,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn fs_space(p: &Path) -> (u64, u64) {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: statvfs fills the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return (0, 0);
+        }
+        (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
+    }
+}
+
+fn partition_path(d: &Disk, n: u32) -> PathBuf {
+    let sep = if d.name.ends_with(|c: char| c.is_ascii_digit()) {
+        "p"
+    } else {
+        ""
+    };
+    d.path.with_file_name(format!("{}{sep}{n}", d.name))
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Ok(f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut b);
+    }
+    b
+}
+
+/// Finds, prepares and mounts the state volume; never fails (RAM instead).
+pub fn bring_up() -> Volume {
+    let mut v = Volume {
+        disks: Vec::new(),
+        device: None,
+        formatted_ms: None,
+        notes: Vec::new(),
+    };
+    let found = disks::discover(Path::new("/sys"), Path::new("/dev"));
+    let mut chosen: Option<(Disk, gpt::Partition, bool)> = None;
+    for d in found {
+        let content = match std::fs::File::open(&d.path)
+            .and_then(|f| disks::inspect(&f, d.bytes, d.sector))
+        {
+            Ok(Content::Empty) => "empty".to_string(),
+            Ok(Content::Cairn(p)) => {
+                if chosen.is_none() {
+                    chosen = Some((d.clone(), p, false));
+                }
+                "cairn state volume".to_string()
+            }
+            Ok(Content::Foreign(what)) => format!("not ours, left alone: {what}"),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        v.disks.push((d, content));
+    }
+    if chosen.is_none() {
+        for (d, c) in &v.disks {
+            if c != "empty" {
+                continue;
+            }
+            if d.read_only {
+                v.notes.push(format!("{}: empty but read-only", d.name));
+                continue;
+            }
+            if d.bytes < ext4::MIN_BYTES + (2 << 20) {
+                v.notes.push(format!(
+                    "{}: {} bytes is below the {} bytes minimum",
+                    d.name,
+                    d.bytes,
+                    ext4::MIN_BYTES + (2 << 20)
+                ));
+                continue;
+            }
+            match prepare(d) {
+                Ok((p, ms)) => {
+                    v.formatted_ms = Some(ms);
+                    chosen = Some((d.clone(), p, true));
+                    break;
+                }
+                Err(e) => v
+                    .notes
+                    .push(format!("{}: preparing it failed: {e}", d.name)),
+            }
+        }
+    }
+    let Some((disk, part, _)) = chosen else {
+        v.notes.push("no usable disk: running from RAM (layers, the applied version and the last known good manifest are lost at reboot)".into());
+        tracing::warn!(notes = ?v.notes, "no state volume");
+        return v;
+    };
+    let dev = partition_path(&disk, part.number);
+    if !wait_for(&dev) {
+        v.notes.push(format!("{} did not appear", dev.display()));
+        return v;
+    }
+    match mount_ext4(&dev, Path::new(ROOT)) {
+        Ok(()) => {
+            tracing::info!(device = %dev.display(), disk = %disk.name, formatted_ms = ?v.formatted_ms, "state volume mounted at {ROOT}");
+            v.device = Some(dev.display().to_string());
+            let _ = std::fs::create_dir_all(Path::new(ROOT).join(NODE_DIR));
+        }
+        Err(e) => {
+            let msg = format!("{}: not mounted ({e}); running from RAM", dev.display());
+            tracing::error!("{msg}");
+            v.notes.push(msg);
+        }
+    }
+    v
+}
+
+/// Writes our GPT and formats its partition; returns it and the time taken.
+fn prepare(d: &Disk) -> Result<(gpt::Partition, u128), String> {
+    let t = Instant::now();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&d.path)
+        .map_err(|e| format!("open: {e}"))?;
+    let p = gpt::write_single(&f, d.bytes, d.sector, random(), random(), gpt::STATE_LABEL)
+        .map_err(|e| e.to_string())?;
+    reread_partitions(&f)?;
+    drop(f);
+    let dev = partition_path(d, p.number);
+    if !wait_for(&dev) {
+        return Err(format!(
+            "{} did not appear after re-reading the partition table",
+            dev.display()
+        ));
+    }
+    let pf = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .map_err(|e| format!("open {}: {e}", dev.display()))?;
+    let params = ext4::Params {
+        label: "cairn-state".into(),
+        uuid: random(),
+        hash_seed: random(),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32),
+    };
+    let l = ext4::format(&pf, p.len, &params).map_err(|e| e.to_string())?;
+    let ms = t.elapsed().as_millis();
+    tracing::info!(disk = %d.name, bytes = p.len, groups = l.groups, ms, "state volume partitioned and formatted");
+    Ok((p, ms))
+}
+
+fn reread_partitions(f: &std::fs::File) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    const BLKRRPART: libc::c_ulong = 0x125F;
+    // SAFETY: BLKRRPART takes no argument; the fd is an open block device.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKRRPART as _, 0) };
+    if rc != 0 {
+        return Err(format!(
+            "re-reading the partition table: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn wait_for(p: &Path) -> bool {
+    for _ in 0..50 {
+        if p.exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+fn mount_ext4(dev: &Path, target: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)
+    };
+    let (src, dst) = (c(dev)?, c(target)?);
+    // SAFETY: NUL-terminated strings; the kernel replays the journal.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            c"ext4".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The node's records on the state volume (or in RAM).
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    /// Records under `ROOT/node`.
+    pub fn new() -> Records {
+        Records {
+            dir: Path::new(ROOT).join(NODE_DIR),
+        }
+    }
+
+    /// The highest applied version and its payload hash.
+    pub fn applied(&self) -> Option<Applied> {
+        let b = files::read_optional(&self.dir.join("applied.json")).ok()??;
+        match serde_json::from_slice(&b) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, "applied.json unreadable; anti-rollback starts over");
+                None
+            }
+        }
+    }
+
+    /// The last manifest applied, as signed bytes.
+    pub fn last_known_good(&self) -> Option<Vec<u8>> {
+        files::read_optional(&self.dir.join("manifest.bin")).ok()?
+    }
+
+    /// Records a newly applied manifest (manifest first: a crash between
+    /// the two writes leaves an applied version whose manifest is newer,
+    /// never the reverse).
+    pub fn save_applied(&self, applied: &Applied, bytes: &[u8]) {
+        let _ = std::fs::create_dir_all(&self.dir);
+        let r = files::write_atomic(&self.dir.join("manifest.bin"), bytes).and_then(|()| {
+            let json = serde_json::to_vec(applied).map_err(std::io::Error::other)?;
+            files::write_atomic(&self.dir.join("applied.json"), &json)
+        });
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not record the applied manifest");
+        }
+    }
+
+    /// The node's key pair, created on first use.
+    pub fn node_key(&self) -> Option<SigningKey> {
+        let path = self.dir.join("node.key");
+        if let Ok(k) = SigningKey::read(&path) {
+            return Some(k);
+        }
+        let k = SigningKey::generate().ok()?;
+        let _ = std::fs::create_dir_all(&self.dir);
+        if let Err(e) = files::write_atomic(&path, k.to_file_text().as_bytes()) {
+            tracing::error!(error = %e, "node key not stored");
+        }
+        Some(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names() {
+        let d = |n: &str| Disk {
+            name: n.into(),
+            path: Path::new("/dev").join(n),
+            bytes: 0,
+            bus: "virtio".into(),
+            model: None,
+            serial: None,
+            rotational: false,
+            removable: false,
+            read_only: false,
+            sector: 512,
+            partitions: Vec::new(),
+        };
+        assert_eq!(partition_path(&d("vda"), 1), Path::new("/dev/vda1"));
+        assert_eq!(
+            partition_path(&d("nvme0n1"), 1),
+            Path::new("/dev/nvme0n1p1")
+        );
+    }
+}

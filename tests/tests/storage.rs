@@ -1,0 +1,128 @@
+//! End to end: the state volume. The first boot partitions and formats an
+//! empty virtio disk and records what it applies; after a power cut (QEMU
+//! killed) the node boots with the hub down and runs its last known good
+//! manifest from the disk, pulls no layer again, keeps its applied
+//! version and node key, and still refuses an older manifest.
+
+use anyhow::{Context, Result};
+use cairn_e2e::{inputs_or_skip, workload, Scenario, NODE};
+use serde_json::Value;
+use std::time::Duration;
+
+#[test]
+fn state_volume_survives_a_power_cut() -> Result<()> {
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
+    };
+    let mut sc = Scenario::setup(&inp)?;
+    let disk = sc.net.dir.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(1 << 30)?;
+    sc.net.disk = Some(disk.clone());
+    let v1 = sc.sign("v1", &sc.manifest(1, ""))?;
+    sc.publish(NODE, &v1)?;
+    sc.boot()?;
+    let answering = |sc: &Scenario| -> Result<bool> {
+        Ok(workload(&sc.status()?, "web").is_some_and(|w| w["answering"] == true))
+    };
+    sc.net.wait_until(
+        "first boot: web answering",
+        Duration::from_secs(180),
+        || answering(&sc),
+    )?;
+    let st = sc.status()?;
+    let storage = &st["storage"];
+    println!("first boot storage: {storage}");
+    assert_eq!(storage["mode"], "disk", "{storage}");
+    assert_eq!(storage["device"], "/dev/vda1");
+    let format_ms = storage["formatted_this_boot_ms"]
+        .as_u64()
+        .context("not formatted on first boot")?;
+    println!("first boot formatted a 1 GiB disk in {format_ms} ms (QEMU TCG)");
+    let vda = storage["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "vda"))
+        .context("vda not in the status")?;
+    assert_eq!(
+        (vda["name"].as_str(), vda["serial"].as_str()),
+        (Some("vda"), Some("CAIRN-E2E-DISK")),
+        "{vda}"
+    );
+    let key = st["node_key"]["public"]
+        .as_str()
+        .context("no node key")?
+        .to_string();
+    // A second version, so that an older one exists to be refused later.
+    let v2 = sc.sign(
+        "v2",
+        &sc.manifest(2, "env = [{ name = \"V\", value = \"2\" }]"),
+    )?;
+    sc.publish(NODE, &v2)?;
+    sc.net
+        .wait_until("v2 applied", Duration::from_secs(60), || {
+            Ok(sc.status()?["manifest"]["applied_version"] == 2)
+        })?;
+    let node_ip = sc.status()?["addresses"][0]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("address")?
+        .to_string();
+
+    // Power cut, and the hub gone: the node must come up on its own.
+    sc.net.stop("qemu");
+    sc.net.stop("hub");
+    sc.boot()?;
+    let url = format!("http://{node_ip}:8080/");
+    sc.net.wait_until(
+        "second boot, no hub: web answering",
+        Duration::from_secs(180),
+        || Ok(sc.net.http_get(&url).is_ok_and(|(c, _)| c == 200)),
+    )?;
+    // QEMU's serial file starts afresh with each boot.
+    let console = sc.net.serial();
+    assert!(
+        console.contains("applying the last known good manifest"),
+        "console says why"
+    );
+    let pulls: Vec<&str> = console.lines().filter(|l| l.contains(" ready (")).collect();
+    println!("second boot pulls:\n  {}", pulls.join("\n  "));
+    assert!(
+        !pulls.is_empty() && pulls.iter().all(|l| l.contains(" 0 fetched")),
+        "layers came from the disk"
+    );
+    // The hub returns; the node reports what it runs and from where.
+    let tools = sc.tools.clone();
+    sc.hub = sc.net.start_hub(&tools, 7400)?;
+    let mut st = Value::Null;
+    sc.net.wait_until(
+        "a status report after the hub returned",
+        Duration::from_secs(60),
+        || {
+            st = sc.status()?;
+            Ok(st["boot_id"].is_string()
+                && st["storage"]["formatted_this_boot_ms"].is_null()
+                && st["manifest"]["applied_version"] == 2)
+        },
+    )?;
+    println!(
+        "second boot: manifest {}, storage {}",
+        st["manifest"], st["storage"]["device"]
+    );
+    assert_eq!(st["manifest"]["source"], "disk");
+    assert_eq!(
+        st["node_key"]["public"],
+        key.as_str(),
+        "the node key survived"
+    );
+    // An older, validly signed manifest is still a rollback.
+    sc.publish(NODE, &v1)?;
+    sc.net
+        .wait_until("v1 refused as a rollback", Duration::from_secs(60), || {
+            Ok(sc.status()?["manifest"]["error_code"] == "rollback")
+        })?;
+    println!(
+        "after the reboot, v1 is refused: {}",
+        sc.status()?["manifest"]["error"]
+    );
+    sc.net.check_alive()?;
+    Ok(())
+}
