@@ -197,7 +197,52 @@ pub fn main() -> ! {
         .spawn(move || supervisor::run_forever(cfg, cmdline_errors, rx, agent_tx))
         .expect("spawning the agent thread");
 
+    watch_power_button();
     signal_loop(&set, &tx)
+}
+
+/// ACPI power button presses become SIGPWR to us (a clean power-off, as
+/// from the hypervisor's "shut down" or a short press on real hardware).
+/// The button is an input device named "Power Button" (evdev).
+fn watch_power_button() {
+    let Ok(rd) = std::fs::read_dir("/sys/class/input") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("event") {
+            continue;
+        }
+        let dev_name = std::fs::read_to_string(e.path().join("device/name")).unwrap_or_default();
+        if dev_name.trim() != "Power Button" {
+            continue;
+        }
+        let path = format!("/dev/input/{name}");
+        tracing::info!(device = %path, "watching the ACPI power button");
+        let _ = std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || {
+                use std::io::Read;
+                let Ok(mut f) = std::fs::File::open(&path) else {
+                    tracing::error!(device = %path, "power button not readable");
+                    return;
+                };
+                // struct input_event on 64-bit: timeval (16), type, code (u16), value (i32).
+                let mut ev = [0u8; 24];
+                while f.read_exact(&mut ev).is_ok() {
+                    let ty = u16::from_ne_bytes([ev[16], ev[17]]);
+                    let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                    const EV_KEY: u16 = 1;
+                    const KEY_POWER: u16 = 116;
+                    if ty == EV_KEY && code == KEY_POWER && value == 1 {
+                        tracing::warn!("power button pressed: powering off");
+                        // SAFETY: signalling ourselves; the signal loop handles SIGPWR.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGPWR) };
+                    }
+                }
+            });
+    }
 }
 
 fn reap(tx: &Sender<Event>) {
@@ -249,6 +294,7 @@ fn final_halt(poweroff: bool) -> ! {
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
+    unmount_state();
     tracing::warn!(poweroff, "halting");
     let cmd = if poweroff {
         libc::RB_POWER_OFF
@@ -261,4 +307,28 @@ fn final_halt(poweroff: bool) -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Unmounts the state volume so its filesystem is clean at power-off; if
+/// something still holds it, remounts it read-only (which also flushes
+/// the journal).
+fn unmount_state() {
+    let target = c"/var/lib/cairn";
+    // SAFETY: umount2 on a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        tracing::info!("state volume unmounted");
+        return;
+    }
+    let busy = std::io::Error::last_os_error();
+    // SAFETY: a remount with null source/type and a NUL-terminated target.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    tracing::warn!(error = %busy, read_only = rc == 0, "state volume not unmounted; remounted read-only");
 }
