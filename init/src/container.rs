@@ -25,6 +25,22 @@ pub struct Container {
 }
 
 impl Container {
+    /// The host directories of this container's volumes, created on first
+    /// use under the state volume (or RAM).
+    fn volume_binds(&self) -> Result<Vec<(String, String, bool)>, String> {
+        self.spec
+            .volumes
+            .iter()
+            .map(|v| {
+                let dir = std::path::Path::new(STATE_ROOT)
+                    .join("volumes")
+                    .join(&v.name);
+                std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", v.name))?;
+                Ok((dir.display().to_string(), v.path.clone(), v.read_only))
+            })
+            .collect()
+    }
+
     /// Wraps a spec.
     pub fn new(spec: ContainerSpec) -> Container {
         Container {
@@ -227,6 +243,7 @@ impl Workload for Container {
             // The node's responder on the bridge: workload names, then the
             // node's own resolvers.
             dns: vec![net.gateway().to_string()],
+            binds: self.volume_binds()?,
         };
         self.setup_cgroup()?;
         let spec_path = dir.join("spec.json");

@@ -42,6 +42,9 @@ pub struct ShimSpec {
     pub net: Option<ShimNet>,
     /// Resolvers for /etc/resolv.conf.
     pub dns: Vec<String>,
+    /// Persistent volumes: (host directory, path in the container, read-only).
+    #[serde(default)]
+    pub binds: Vec<(String, String, bool)>,
 }
 
 /// The container's interface.
@@ -149,6 +152,43 @@ fn write_etc(spec: &ShimSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Bind-mounts `host` at `path` inside `root`. The image may hold a
+/// symlink on the way (we are still in the host's view of the filesystem):
+/// the resolved target must stay inside the rootfs.
+fn bind_volume(
+    s: &LinuxSys,
+    root: &Path,
+    host: &str,
+    path: &str,
+    read_only: bool,
+) -> Result<(), String> {
+    let target = root.join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(&target).map_err(|e| format!("volume mount point {path}: {e}"))?;
+    let real =
+        std::fs::canonicalize(&target).map_err(|e| format!("volume mount point {path}: {e}"))?;
+    let real_root = std::fs::canonicalize(root).map_err(|e| e.to_string())?;
+    if !real.starts_with(&real_root) {
+        return Err(format!(
+            "volume mount point {path} resolves outside the container ({})",
+            real.display()
+        ));
+    }
+    let t = real.display().to_string();
+    s.mount(host, &t, "", flags::BIND, None)
+        .map_err(|e| format!("binding volume at {path}: {e}"))?;
+    if read_only {
+        s.mount(
+            "none",
+            &t,
+            "",
+            flags::BIND | flags::REMOUNT | flags::RDONLY,
+            None,
+        )
+        .map_err(|e| format!("making volume {path} read-only: {e}"))?;
+    }
+    Ok(())
+}
+
 fn setup_mounts(spec: &ShimSpec) -> Result<(), String> {
     let s = LinuxSys;
     // Nothing we mount may propagate back to the host.
@@ -163,6 +203,9 @@ fn setup_mounts(spec: &ShimSpec) -> Result<(), String> {
     s.mount("overlay", &spec.rootfs, "overlay", 0, Some(&opts))
         .map_err(|e| format!("mounting the overlay rootfs: {e}"))?;
     let root = Path::new(&spec.rootfs);
+    for (host, path, read_only) in &spec.binds {
+        bind_volume(&s, root, host, path, *read_only)?;
+    }
     let dev = root.join("dev");
     let dev_s = dev.display().to_string();
     s.mkdir_all(&dev_s, 0o755)

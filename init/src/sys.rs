@@ -8,6 +8,8 @@ use std::io;
 pub mod flags {
     /// Read-only.
     pub const RDONLY: u64 = libc::MS_RDONLY;
+    /// MS_REMOUNT.
+    pub const REMOUNT: u64 = libc::MS_REMOUNT;
     /// No setuid.
     pub const NOSUID: u64 = libc::MS_NOSUID;
     /// No devices.

@@ -290,6 +290,23 @@ pub struct ContainerSpec {
     /// Maximum number of tasks (cgroup `pids.max`).
     #[serde(default)]
     pub pids_max: Option<u32>,
+    /// Persistent volumes on the state volume, bind-mounted in.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A named persistent directory (on the state volume, in RAM without one)
+/// mounted into a workload; it outlives restarts, redefinitions and reboots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// Volume name (a DNS label); the same name is the same data.
+    pub name: String,
+    /// Absolute path inside the container.
+    pub path: String,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A file the node fetches by URL and checks against its digest.
@@ -437,6 +454,16 @@ pub enum SpecError {
     /// The workload subnet is not an IPv4 CIDR with room for workloads.
     #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
     BadSubnet(String),
+    /// A volume with a bad name or path.
+    #[error("{workload}: volume {name:?} at {path:?}: the name must be a DNS label and the path absolute, without '.' or '..' parts, and not /")]
+    BadVolume {
+        /// Workload.
+        workload: String,
+        /// Volume name.
+        name: String,
+        /// Mount path.
+        path: String,
+    },
     /// Something in `[network]` that no node could apply.
     #[error("network.{field}: {problem}")]
     Network {
@@ -518,6 +545,19 @@ impl Manifest {
         };
         for c in &self.containers {
             check_image(&c.name, &c.image)?;
+            for v in &c.volumes {
+                let bad_path = !v.path.starts_with('/')
+                    || v.path == "/"
+                    || v.path.split('/').any(|p| p == ".." || p == ".")
+                    || v.path.contains('\0');
+                if !is_dns_label(&v.name) || bad_path {
+                    return Err(SpecError::BadVolume {
+                        workload: c.name.clone(),
+                        name: v.name.clone(),
+                        path: v.path.clone(),
+                    });
+                }
+            }
         }
         for f in &self.functions {
             check_image(&f.name, &f.image)?;

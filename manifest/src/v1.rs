@@ -203,6 +203,7 @@ impl From<Manifest> for crate::Manifest {
                     memory_mib: c.memory_mib,
                     cpu_millis: c.cpu_millis,
                     pids_max: c.pids_max,
+                    volumes: Vec::new(),
                 })
                 .collect(),
             vms: m

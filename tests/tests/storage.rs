@@ -55,7 +55,7 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
     // A second version, so that an older one exists to be refused later.
     let v2 = sc.sign(
         "v2",
-        &sc.manifest(2, "env = [{ name = \"V\", value = \"2\" }]"),
+        &sc.manifest(2, "volume = [{ name = \"web-data\", path = \"/data\" }]"),
     )?;
     sc.publish(NODE, &v2)?;
     sc.net
@@ -67,6 +67,19 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         .and_then(|a| a.split('/').next())
         .context("address")?
         .to_string();
+
+    // web now has a persistent volume at /data: leave a note in it.
+    let note = format!("http://{node_ip}:8080/note");
+    let mut stored = (0, String::new());
+    sc.net.wait_until(
+        "web (v2, with its volume) to store a note",
+        Duration::from_secs(60),
+        || {
+            stored = sc.net.http_get(&format!("{note}?set=survived-power-cut"))?;
+            Ok(stored.0 == 200)
+        },
+    )?;
+    println!("volume: {}", stored.1.trim());
 
     // Power cut, and the hub gone: the node must come up on its own.
     sc.net.stop("qemu");
@@ -83,6 +96,13 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
     assert!(
         console.contains("applying the last known good manifest"),
         "console says why"
+    );
+    let (code, body) = sc.net.http_get(&note)?;
+    println!("after the power cut: {}", body.trim());
+    assert_eq!(
+        (code, body.trim()),
+        (200, "note=survived-power-cut"),
+        "volume data intact"
     );
     let pulls: Vec<&str> = console.lines().filter(|l| l.contains(" ready (")).collect();
     println!("second boot pulls:\n  {}", pulls.join("\n  "));

@@ -4,6 +4,8 @@
 //! It exists to prove that a node pulled and started an image, that requests
 //! reach it (the instance id tells restarts apart) and that PID 1 restarts a
 //! workload that exits (`GET /exit` makes it exit with status 3).
+//! `GET /note?set=WORD` stores a word in `$DATA_DIR/note` (default
+//! `/data`), `GET /note` reads it (persistent volumes).
 //! `GET /fetch?to=HOST:PORT/PATH` makes an outbound HTTP request and returns
 //! what came back, which proves outbound NAT and name resolution.
 //! UDP on the same port echoes each datagram back as
@@ -93,6 +95,32 @@ fn route(state: &State, method: &str, target: &str) -> Response {
             match fetch(to) {
                 Ok(body) => Response::text(200, body),
                 Err(e) => Response::text(502, format!("fetch {to}: {e}\n")),
+            }
+        }
+        // A note kept in $DATA_DIR (a persistent volume in the demos):
+        // `/note?set=WORD` stores it, `/note` reads it back.
+        ("GET", "/note") => {
+            let dir = std::env::var("DATA_DIR").unwrap_or_else(|_| "/data".into());
+            let file = std::path::Path::new(&dir).join("note");
+            match target.split_once("?set=") {
+                Some((_, v))
+                    if !v.is_empty()
+                        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+                {
+                    match std::fs::write(&file, v)
+                        .and_then(|()| std::fs::File::open(&file)?.sync_all())
+                    {
+                        Ok(()) => Response::text(200, format!("stored {v}\n")),
+                        Err(e) => {
+                            Response::text(500, format!("storing in {}: {e}\n", file.display()))
+                        }
+                    }
+                }
+                Some(_) => Response::text(400, "set=WORD (letters, digits, '-')\n"),
+                None => match std::fs::read_to_string(&file) {
+                    Ok(v) => Response::text(200, format!("note={v}\n")),
+                    Err(e) => Response::text(404, format!("no note in {}: {e}\n", file.display())),
+                },
             }
         }
         ("GET", "/exit") => Response {
@@ -309,6 +337,25 @@ mod tests {
             instance: "abc".into(),
             requests: AtomicU64::new(0),
         }
+    }
+
+    #[test]
+    fn note_is_stored_and_read_back() {
+        let dir = tempfile_dir();
+        std::env::set_var("DATA_DIR", &dir);
+        let s = state();
+        assert_eq!(route(&s, "GET", "/note").status, 404);
+        assert_eq!(route(&s, "GET", "/note?set=a;rm").status, 400);
+        assert_eq!(route(&s, "GET", "/note?set=kept-1").status, 200);
+        let r = route(&s, "GET", "/note");
+        assert_eq!((r.status, r.body.as_str()), (200, "note=kept-1\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("hello-note-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 
     #[test]
