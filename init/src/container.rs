@@ -142,7 +142,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Copies a container's output to the console, line by line. Lines are cut
+/// Copies a container's output to its log file (rotated) and the
+/// console, line by line. Lines are cut
 /// at 16 KiB and bytes that are not UTF-8 are replaced, so no output can
 /// stop the copy (which would give the container EPIPE) or grow PID 1.
 fn forward_output(name: String, out: OwnedFd) {
@@ -151,6 +152,12 @@ fn forward_output(name: String, out: OwnedFd) {
         .spawn(move || {
             use std::io::BufRead;
             let mut reader = std::io::BufReader::new(std::fs::File::from(out));
+            let mut file = crate::logs::LogFile::new(
+                &crate::logs::dir(),
+                &name,
+                crate::logs::MAX_BYTES,
+                crate::logs::KEEP,
+            );
             let mut line = Vec::new();
             loop {
                 line.clear();
@@ -158,7 +165,9 @@ fn forward_output(name: String, out: OwnedFd) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
-                        tracing::info!(workload = %name, "| {}", text.trim_end_matches(['\n', '\r']));
+                        let text = text.trim_end_matches(['\n', '\r']);
+                        file.line(crate::logs::now_ms(), text);
+                        tracing::info!(workload = %name, "| {}", text);
                     }
                 }
             }
@@ -323,6 +332,10 @@ impl Workload for Container {
 
     fn kill(&self) {
         kill_cgroup(&self.spec.name);
+    }
+
+    fn images(&self) -> Vec<String> {
+        vec![self.spec.image.digest.clone()]
     }
 
     fn cleanup(&self) {

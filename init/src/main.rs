@@ -4,6 +4,7 @@
 mod cmdline;
 mod container;
 mod hub;
+mod logs;
 mod net;
 mod oci;
 mod pid1;

@@ -192,7 +192,7 @@ impl Registry<'_> {
         }
     }
 
-    fn manifest(&self, digest: &str) -> Result<ManifestDoc, PullError> {
+    fn manifest_bytes(&self, digest: &str) -> Result<Vec<u8>, PullError> {
         let accept = [
             MT_OCI_MANIFEST,
             MT_DOCKER_MANIFEST,
@@ -209,9 +209,13 @@ impl Registry<'_> {
             .read_to_vec()
             .map_err(|e| PullError::BadImage(format!("reading {what}: {e}")))?;
         check_digest(&what, digest, &format!("sha256:{}", sha256_hex(&body)))?;
-        serde_json::from_slice(&body)
-            .map_err(|e| PullError::BadImage(format!("{what} is not JSON: {e}")))
+        Ok(body)
     }
+}
+
+fn parse_manifest(digest: &str, body: &[u8]) -> Result<ManifestDoc, PullError> {
+    serde_json::from_slice(body)
+        .map_err(|e| PullError::BadImage(format!("manifest {digest} is not JSON: {e}")))
 }
 
 fn check_digest(what: &str, expected: &str, got: &str) -> Result<(), PullError> {
@@ -286,6 +290,96 @@ impl Store {
             .join(digest.trim_start_matches("sha256:"))
     }
 
+    /// An image manifest (or index) by digest: from the store when a
+    /// previous pull kept it (checked against its digest again), else from
+    /// the registry, then kept. A node whose registry is unreachable still
+    /// starts images it has pulled before.
+    fn manifest(&self, reg: &Registry, digest: &str) -> Result<ManifestDoc, PullError> {
+        let path = self.blob_path(digest);
+        if let Ok(body) = std::fs::read(&path) {
+            if format!("sha256:{}", sha256_hex(&body)) == digest {
+                return parse_manifest(digest, &body);
+            }
+            tracing::warn!(
+                digest,
+                "cached manifest does not match its digest; fetching it again"
+            );
+        }
+        let body = reg.manifest_bytes(digest)?;
+        let _lock = DigestLock::take(digest);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
+        std::fs::write(&tmp, &body).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        parse_manifest(digest, &body)
+    }
+
+    /// Every digest that images `in_use` need (their manifests, the
+    /// linux/amd64 manifest of an index, configs, layers), read from the
+    /// store; an image whose manifest is not stored needs nothing stored.
+    fn marked(&self, in_use: &[String]) -> std::collections::BTreeSet<String> {
+        let mut keep = std::collections::BTreeSet::new();
+        let mut queue: Vec<String> = in_use.to_vec();
+        while let Some(d) = queue.pop() {
+            let hex = d.trim_start_matches("sha256:").to_string();
+            if !keep.insert(hex) {
+                continue;
+            }
+            // Only manifests are read (never a layer blob).
+            let Ok(body) = std::fs::read(self.blob_path(&d)) else {
+                continue;
+            };
+            let Ok(doc) = serde_json::from_slice::<ManifestDoc>(&body) else {
+                continue;
+            };
+            queue.extend(doc.manifests.iter().map(|m| m.digest.clone()));
+            for d in doc.config.iter().chain(doc.layers.iter()) {
+                keep.insert(d.digest.trim_start_matches("sha256:").to_string());
+            }
+        }
+        keep
+    }
+
+    /// Removes every blob and unpacked layer that no image in `in_use`
+    /// needs. Call it while no pull runs. Returns (entries removed, bytes).
+    pub fn gc(&self, in_use: &[String]) -> (usize, u64) {
+        let keep = self.marked(in_use);
+        let mut removed = (0usize, 0u64);
+        for dir in [self.root.join("blobs/sha256"), self.root.join("layers")] {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Temporary names (`.tmp-…`, `x.tmp-…`) belong to a pull or
+                // unpack that died; digests are 64 hex characters.
+                let stem = name.split('.').next().unwrap_or_default().to_string();
+                if keep.contains(&stem) {
+                    continue;
+                }
+                let _lock = DigestLock::take(&format!("sha256:{stem}"));
+                let bytes = du(&e.path());
+                let r = if e.path().is_dir() {
+                    std::fs::remove_dir_all(e.path())
+                } else {
+                    std::fs::remove_file(e.path())
+                };
+                match r {
+                    Ok(()) => {
+                        removed.0 += 1;
+                        removed.1 += bytes;
+                    }
+                    Err(err) => {
+                        tracing::warn!(path = %e.path().display(), error = %err, "GC could not remove")
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// Pulls `image` (by digest) and unpacks its layers.
     pub fn pull(&self, image: &ImageRef) -> Result<PulledImage, PullError> {
         if !image.insecure {
@@ -303,7 +397,7 @@ impl Store {
             base: format!("http://{}", image.registry),
             image,
         };
-        let mut doc = reg.manifest(&image.digest)?;
+        let mut doc = self.manifest(&reg, &image.digest)?;
         if doc.media_type == MT_OCI_INDEX
             || doc.media_type == MT_DOCKER_LIST
             || !doc.manifests.is_empty()
@@ -320,7 +414,7 @@ impl Store {
                     PullError::BadImage("image index has no linux/amd64 manifest".into())
                 })?;
             let digest = pick.digest.clone();
-            doc = reg.manifest(&digest)?;
+            doc = self.manifest(&reg, &digest)?;
         }
         let config_desc = doc
             .config
@@ -575,9 +669,70 @@ fn set_opaque(dir: &Path) -> Result<(), PullError> {
     Ok(())
 }
 
+/// Bytes used under `p` (files only; symlinks not followed).
+fn du(p: &Path) -> u64 {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gc_keeps_what_images_in_use_need_and_removes_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(t.path());
+        let put = |body: &[u8]| -> String {
+            let d = format!("sha256:{}", sha256_hex(body));
+            let p = store.blob_path(&d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+            d
+        };
+        let layer_a = put(b"layer a");
+        let layer_b = put(b"layer b");
+        let config = put(b"{\"config\":{}}");
+        for l in [&layer_a, &layer_b] {
+            std::fs::create_dir_all(store.layer_path(l).join("etc")).unwrap();
+            std::fs::write(store.layer_path(l).join("etc/f"), b"12345").unwrap();
+        }
+        let manifest = |layers: &[&String]| {
+            let ls: Vec<String> = layers
+                .iter()
+                .map(|l| format!("{{\"digest\":\"{l}\",\"size\":7}}"))
+                .collect();
+            format!(
+                "{{\"config\":{{\"digest\":\"{config}\",\"size\":13}},\"layers\":[{}]}}",
+                ls.join(",")
+            )
+        };
+        let m1 = put(manifest(&[&layer_a]).as_bytes());
+        let m2 = put(manifest(&[&layer_a, &layer_b]).as_bytes());
+        let index =
+            put(format!("{{\"manifests\":[{{\"digest\":\"{m1}\",\"size\":1}}]}}").as_bytes());
+        // Only the index (→ m1 → layer a) is in use: m2 and layer b go.
+        let (n, bytes) = store.gc(std::slice::from_ref(&index));
+        assert_eq!(n, 3, "m2's blob, layer b's blob and its unpacked dir");
+        assert!(bytes >= 7 + 5);
+        for kept in [&index, &m1, &config, &layer_a] {
+            assert!(store.blob_path(kept).exists(), "{kept}");
+        }
+        assert!(store.layer_path(&layer_a).join("etc/f").exists());
+        assert!(!store.blob_path(&m2).exists() && !store.blob_path(&layer_b).exists());
+        assert!(!store.layer_path(&layer_b).exists());
+        // Nothing in use: everything goes.
+        store.gc(&[]);
+        assert_eq!(
+            std::fs::read_dir(t.path().join("layers")).unwrap().count(),
+            0
+        );
+    }
 
     #[test]
     fn config_defaults() {

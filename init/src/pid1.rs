@@ -294,6 +294,7 @@ fn final_halt(poweroff: bool) -> ! {
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
+    crate::logs::stop_own_log();
     unmount_state();
     tracing::warn!(poweroff, "halting");
     let cmd = if poweroff {

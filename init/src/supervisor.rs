@@ -223,6 +223,7 @@ pub fn run_forever(
             volume.device.as_deref().unwrap_or("RAM")
         ),
     );
+    crate::logs::start_own_log();
     let records = crate::state::Records::new();
     let node_key = records.node_key();
     let stored_applied = records.applied();
@@ -250,6 +251,14 @@ pub fn run_forever(
         )
     });
     tracing::info!(node = %node, "node id");
+    // The stored manifest's issue time is a floor for the clock, before
+    // SNTP or the hub are asked (a dead RTC battery must not make the
+    // last known good look like it is from the future).
+    if let (Some(bytes), Some(applied)) = (&lkg, &stored_applied) {
+        if let Ok(m) = cairn_manifest::verify_stored(bytes, &trust, &node, applied) {
+            clock_floor(m.issued_at, "stored manifest issue time");
+        }
+    }
     // Time before the first manifest: its expiry is judged by this clock.
     let time = Arc::new(std::sync::Mutex::new(sync_time(&uplink.ntp)));
     let ntp = Arc::new(std::sync::Mutex::new(uplink.ntp.clone()));
@@ -454,6 +463,12 @@ struct Supervisor<'a> {
     nat_error: Option<String>,
     /// Problems of the last node network reconcile.
     network_errors: Vec<String>,
+    /// Unused layers may exist (a manifest changed, or space runs low).
+    gc_due: bool,
+    /// When free space was last looked at.
+    space_checked: Instant,
+    /// The last garbage collection, for the status.
+    last_gc: Value,
 }
 
 fn describe_exit(status: i32) -> (String, bool) {
@@ -498,6 +513,9 @@ impl<'a> Supervisor<'a> {
             shutting_down: false,
             nat_error: None,
             network_errors: Vec::new(),
+            gc_due: true,
+            space_checked: Instant::now(),
+            last_gc: Value::Null,
         }
     }
 
@@ -745,6 +763,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn apply(&mut self, m: Manifest) {
+        self.gc_due = true;
         self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
         if let Some(net) = self.boot.net.as_mut() {
@@ -1118,6 +1137,25 @@ impl<'a> Supervisor<'a> {
                 _ => {}
             }
         }
+        if now.duration_since(self.space_checked) > Duration::from_secs(30) {
+            self.space_checked = now;
+            let st = self.boot.volume.status();
+            let (total, free) = (
+                st["total_bytes"].as_u64().unwrap_or(0),
+                st["free_bytes"].as_u64().unwrap_or(0),
+            );
+            if total > 0 && free < total / 10 {
+                tracing::warn!(
+                    free,
+                    total,
+                    "state volume below 10 % free: collecting unused layers"
+                );
+                self.gc_due = true;
+            }
+        }
+        if self.gc_due && !self.shutting_down && self.boot.manifest.is_some() {
+            changed |= self.collect_garbage();
+        }
         if self.shutting_down
             && !self
                 .slots
@@ -1127,6 +1165,32 @@ impl<'a> Supervisor<'a> {
             pid1::AGENT_STOPPED.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         changed
+    }
+
+    /// Removes layers and blobs no workload needs, once no pull or stop is
+    /// in flight (a stopping container may still have its layers mounted).
+    fn collect_garbage(&mut self) -> bool {
+        let busy = self
+            .slots
+            .values()
+            .any(|s| matches!(s.state, State::Preparing | State::Stopping { .. }));
+        if busy {
+            return false;
+        }
+        self.gc_due = false;
+        let in_use: Vec<String> = self.slots.values().flat_map(|s| s.w.images()).collect();
+        let t = Instant::now();
+        let (removed, bytes) = crate::oci::Store::new(crate::container::STATE_ROOT).gc(&in_use);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                bytes,
+                ms = t.elapsed().as_millis() as u64,
+                "unused layers and blobs removed"
+            );
+        }
+        self.last_gc = json!({ "removed": removed, "bytes": bytes, "at": now_unix() });
+        removed > 0
     }
 
     fn push_status(&self) {
@@ -1170,6 +1234,8 @@ impl<'a> Supervisor<'a> {
                 }
             }
         }
+        let mut storage = self.boot.volume.status();
+        storage["last_gc"] = self.last_gc.clone();
         json!({
             "node": self.boot.node,
             "boot_id": self.boot.boot_id,
@@ -1185,7 +1251,7 @@ impl<'a> Supervisor<'a> {
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
             "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
                 .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).collect::<Vec<_>>(),
-            "storage": self.boot.volume.status(),
+            "storage": storage,
             "node_key": self.boot.node_key.as_ref().map(|k| json!({
                 "id": k.id().0,
                 "public": hex::encode(k.verifying_key().as_bytes()),

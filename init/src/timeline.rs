@@ -64,6 +64,6 @@ pub fn init_logging() {
         .with_timer(BootTime)
         .with_target(false)
         .with_ansi(false)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::logs::Tee)
         .try_init();
 }

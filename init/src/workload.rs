@@ -35,4 +35,8 @@ pub trait Workload: Send + Sync {
     fn kill(&self);
     /// Kills it and removes its state: it is being removed or replaced.
     fn cleanup(&self);
+    /// Image digests it needs kept in the store (layer GC spares them).
+    fn images(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

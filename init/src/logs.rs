@@ -1,0 +1,184 @@
+//! Log files on the state volume (RAM without one), rotated by size:
+//! `logs/<name>.log`, then `.1` … `.N` (oldest dropped). Each line starts
+//! with its wall-clock time (RFC 3339, milliseconds). PID 1's own log goes
+//! to `logs/cairn-init.log` as well as the console.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Rotate when a file would grow beyond this.
+pub const MAX_BYTES: u64 = 8 << 20;
+/// Rotated files kept besides the current one.
+pub const KEEP: u32 = 3;
+
+/// One rotating log file.
+pub struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max: u64,
+    keep: u32,
+}
+
+impl LogFile {
+    /// `dir/<name>.log` (created on first write).
+    pub fn new(dir: &Path, name: &str, max: u64, keep: u32) -> LogFile {
+        LogFile {
+            path: dir.join(format!("{name}.log")),
+            file: None,
+            size: 0,
+            max,
+            keep,
+        }
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        let _ = std::fs::remove_file(self.rotated(self.keep));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+        }
+        let _ = std::fs::rename(&self.path, self.rotated(1));
+        self.size = 0;
+    }
+
+    /// Appends one line (a newline is added), stamped with `now`.
+    pub fn line(&mut self, now_ms: u64, text: &str) {
+        let stamped = format!(
+            "{}.{:03}Z {}\n",
+            cairn_manifest::time::rfc3339(now_ms / 1000).trim_end_matches('Z'),
+            now_ms % 1000,
+            text
+        );
+        if self.file.is_some() && self.size + stamped.len() as u64 > self.max {
+            self.rotate();
+        }
+        if self.file.is_none() {
+            if let Some(d) = self.path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    self.size = f.metadata().map_or(0, |m| m.len());
+                    self.file = Some(f);
+                    if self.size + stamped.len() as u64 > self.max {
+                        self.rotate();
+                        return self.line(now_ms, text);
+                    }
+                }
+                Err(_) => return, // no disk space or no directory: the console still has it
+            }
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(stamped.as_bytes()).is_ok() {
+                self.size += stamped.len() as u64;
+            }
+        }
+    }
+}
+
+/// Wall clock in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The directory logs go to.
+pub fn dir() -> PathBuf {
+    Path::new(crate::container::STATE_ROOT).join("logs")
+}
+
+/// PID 1's own log file, once the state volume is up.
+static OWN: Mutex<Option<LogFile>> = Mutex::new(None);
+
+/// Starts copying PID 1's log lines to `logs/cairn-init.log`.
+pub fn start_own_log() {
+    *OWN.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(LogFile::new(&dir(), "cairn-init", MAX_BYTES, KEEP));
+}
+
+/// Closes PID 1's log file (before the state volume is unmounted).
+pub fn stop_own_log() {
+    if let Ok(mut own) = OWN.lock() {
+        *own = None;
+    }
+}
+
+/// A writer for tracing: the console, plus the file once started.
+pub struct Tee;
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::stderr().write(buf)?;
+        if let Ok(mut own) = OWN.try_lock() {
+            if let Some(f) = own.as_mut() {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                f.line(now_ms(), text.trim_end_matches('\n'));
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_n() {
+        let t = tempfile::tempdir().unwrap();
+        let mut l = LogFile::new(t.path(), "web", 200, 2);
+        for i in 0..40 {
+            l.line(1_796_000_000_123 + i, &format!("line {i:02}"));
+        }
+        let cur = std::fs::read_to_string(t.path().join("web.log")).unwrap();
+        assert!(cur.ends_with("line 39\n"), "{cur}");
+        assert!(cur.starts_with("2026-"), "timestamped: {cur}");
+        assert!(cur.contains(".1"), "{cur}");
+        assert!(std::fs::metadata(t.path().join("web.log")).unwrap().len() <= 200);
+        assert!(t.path().join("web.log.1").exists() && t.path().join("web.log.2").exists());
+        assert!(!t.path().join("web.log.3").exists(), "only 2 kept");
+        let old = std::fs::read_to_string(t.path().join("web.log.2")).unwrap();
+        let n_old: u32 = old
+            .lines()
+            .last()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let n_cur: u32 = cur
+            .lines()
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n_old < n_cur);
+        // A restart (new LogFile) appends to the same file.
+        let mut again = LogFile::new(t.path(), "web", 200, 2);
+        again.line(1_796_000_001_000, "after restart");
+        let cur = std::fs::read_to_string(t.path().join("web.log")).unwrap();
+        assert!(cur.contains("after restart"));
+    }
+}
