@@ -152,9 +152,21 @@ pub fn bring_up() -> Volume {
             tracing::info!(device = %dev.display(), disk = %disk.name, formatted_ms = ?v.formatted_ms, "state volume mounted at {ROOT}");
             v.device = Some(dev.display().to_string());
             let _ = std::fs::create_dir_all(Path::new(ROOT).join(NODE_DIR));
+            match grow(&disk, &part) {
+                Ok(Some(bytes)) => v.notes.push(format!("grew to {bytes} bytes with the disk")),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "growing the state volume failed; it keeps its size");
+                    v.notes.push(format!("not grown: {e}"));
+                }
+            }
         }
         Err(e) => {
-            let msg = format!("{}: not mounted ({e}); running from RAM", dev.display());
+            let why = match std::fs::File::open(&dev).map(|f| ext4::probe(&f)) {
+                Ok(Ok(None)) => "no ext4 superblock: damaged or overwritten".to_string(),
+                _ => "the kernel refused the filesystem; see the kernel log above".to_string(),
+            };
+            let msg = format!("{}: not mounted ({e}: {why}); running from RAM", dev.display());
             tracing::error!("{msg}");
             v.notes.push(msg);
         }
@@ -198,6 +210,72 @@ fn prepare(d: &Disk) -> Result<(gpt::Partition, u128), String> {
     let ms = t.elapsed().as_millis();
     tracing::info!(disk = %d.name, bytes = p.len, groups = l.groups, ms, "state volume partitioned and formatted");
     Ok((p, ms))
+}
+
+/// Follows a grown disk: the partition to the new end (GPT, then the
+/// kernel's view with BLKPG), then the mounted filesystem (online resize).
+fn grow(disk: &Disk, part: &gpt::Partition) -> Result<Option<u64>, String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.path)
+        .map_err(|e| format!("open {}: {e}", disk.path.display()))?;
+    let Some(grown) = gpt::grow_last(&f, disk.bytes, disk.sector, gpt::STATE_LABEL, 64 << 20)
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    tracing::info!(disk = %disk.name, from = part.len, to = grown.len, "disk grew: growing the state volume");
+    #[repr(C)]
+    struct BlkpgPartition {
+        start: i64,
+        length: i64,
+        pno: i32,
+        devname: [u8; 64],
+        volname: [u8; 64],
+    }
+    #[repr(C)]
+    struct BlkpgIoctlArg {
+        op: i32,
+        flags: i32,
+        datalen: i32,
+        data: *mut BlkpgPartition,
+    }
+    let mut bp = BlkpgPartition {
+        start: grown.start as i64,
+        length: grown.len as i64,
+        pno: grown.number as i32,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgIoctlArg {
+        op: 3, // BLKPG_RESIZE_PARTITION
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+        data: &mut bp,
+    };
+    const BLKPG: libc::c_ulong = 0x1269;
+    // SAFETY: `arg` points at a live, correctly laid out blkpg request.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKPG as _, &mut arg) } != 0 {
+        return Err(format!(
+            "resizing partition {} in the kernel: {}",
+            grown.number,
+            std::io::Error::last_os_error()
+        ));
+    }
+    let root = std::fs::File::open(ROOT).map_err(|e| e.to_string())?;
+    let blocks: u64 = grown.len / ext4::BLOCK;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    // SAFETY: the ioctl reads one u64 (the new block count) from the pointer.
+    if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &blocks) } != 0 {
+        return Err(format!(
+            "online resize to {blocks} blocks: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tracing::info!(bytes = grown.len, "state volume grown online");
+    Ok(Some(grown.len))
 }
 
 fn reread_partitions(f: &std::fs::File) -> Result<(), String> {

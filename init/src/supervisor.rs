@@ -652,8 +652,12 @@ impl<'a> Supervisor<'a> {
                     code = rej.code(),
                     "manifest rejected: {rej}; running workloads untouched"
                 );
+                let error = Some((rej.code().to_string(), rej.to_string()));
+                // Nothing runs yet this boot (the hub serves something we
+                // refuse, e.g. an older version): run the last known good.
+                self.apply_last_known_good("the hub's manifest was refused");
                 self.manifest_state = "rejected";
-                self.manifest_error = Some((rej.code().to_string(), rej.to_string()));
+                self.manifest_error = error;
             }
         }
         true

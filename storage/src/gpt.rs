@@ -120,6 +120,67 @@ pub fn write_single(
     })
 }
 
+/// Extends the last partition, named `name`, to the end of a disk that
+/// grew (aligned down to 1 MiB) and moves the backup GPT there. Returns the
+/// grown partition, or `None` when there is less than `min_growth` to gain.
+pub fn grow_last(
+    dev: &File,
+    disk_bytes: u64,
+    sector: u64,
+    name: &str,
+    min_growth: u64,
+) -> Result<Option<Partition>, GptError> {
+    let parts = read(dev, sector)?.ok_or(GptError::Damaged("no GPT"))?;
+    let Some(p) = parts.iter().find(|p| p.name == name) else {
+        return Ok(None);
+    };
+    if parts.iter().any(|q| q.start > p.start) {
+        return Ok(None); // not the last partition: nothing to grow into
+    }
+    let mut h = vec![0u8; sector as usize];
+    dev.read_exact_at(&mut h, sector)?;
+    let entries_at = u64::from_le_bytes(h[72..80].try_into().unwrap_or_default());
+    let n = u64::from(u32::from_le_bytes([h[80], h[81], h[82], h[83]]));
+    let esize = u64::from(u32::from_le_bytes([h[84], h[85], h[86], h[87]]));
+    let mut entries = vec![0u8; (n * esize) as usize];
+    dev.read_exact_at(&mut entries, entries_at * sector)?;
+    let lbas = disk_bytes / sector;
+    let entry_lbas = (n * esize).div_ceil(sector);
+    let last = lbas - 1;
+    let last_usable = last - 1 - entry_lbas;
+    let end = ((last_usable + 1) * sector / ALIGN * ALIGN) / sector - 1;
+    let old_end = (p.start + p.len) / sector - 1;
+    if end <= old_end || (end - old_end) * sector < min_growth {
+        return Ok(None);
+    }
+    let e =
+        &mut entries[((p.number - 1) as u64 * esize) as usize..(p.number as u64 * esize) as usize];
+    e[40..48].copy_from_slice(&end.to_le_bytes());
+    let entries_crc = crc32fast::hash(&entries);
+    let header = |current: u64, backup: u64, at: u64| {
+        let mut x = h.clone();
+        x[16..20].fill(0);
+        x[24..32].copy_from_slice(&current.to_le_bytes());
+        x[32..40].copy_from_slice(&backup.to_le_bytes());
+        x[48..56].copy_from_slice(&last_usable.to_le_bytes());
+        x[72..80].copy_from_slice(&at.to_le_bytes());
+        x[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+        let size = u32::from_le_bytes([x[12], x[13], x[14], x[15]]) as usize;
+        let crc = crc32fast::hash(&x[..size.min(x.len())]);
+        x[16..20].copy_from_slice(&crc.to_le_bytes());
+        x
+    };
+    dev.write_all_at(&entries, (last - entry_lbas) * sector)?;
+    dev.write_all_at(&header(last, 1, last - entry_lbas), last * sector)?;
+    dev.write_all_at(&entries, entries_at * sector)?;
+    dev.write_all_at(&header(1, last, entries_at), sector)?;
+    dev.sync_all()?;
+    Ok(Some(Partition {
+        len: (end + 1) * sector - p.start,
+        ..p.clone()
+    }))
+}
+
 /// Reads the primary GPT; `Ok(None)` when there is none.
 pub fn read(dev: &File, sector: u64) -> Result<Option<Vec<Partition>>, GptError> {
     let mut h = vec![0u8; sector as usize];
@@ -191,6 +252,29 @@ mod tests {
             read(&f, 512),
             Err(GptError::Damaged("entries CRC"))
         ));
+        f.write_all_at(&[0x00], 2 * 512 + 60).unwrap();
+        // The disk grows to 300 MiB: the partition follows, the backup moves.
+        write_single(&f, size, 512, [1; 16], [2; 16], STATE_LABEL).unwrap();
+        let big = 300u64 << 20;
+        f.set_len(big).unwrap();
+        assert_eq!(
+            grow_last(&f, size, 512, STATE_LABEL, 1 << 20).unwrap(),
+            None,
+            "nothing to gain"
+        );
+        let g = grow_last(&f, big, 512, STATE_LABEL, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.start, 1 << 20);
+        assert_eq!(
+            g.start + g.len,
+            big - (1 << 20),
+            "ends at the last whole MiB before the backup"
+        );
+        assert_eq!(read(&f, 512).unwrap().unwrap(), vec![g.clone()]);
+        let mut backup = vec![0u8; 512];
+        f.read_exact_at(&mut backup, big - 512).unwrap();
+        assert_eq!(&backup[..8], b"EFI PART");
         let blank = tempfile::tempfile().unwrap();
         blank.set_len(size).unwrap();
         assert_eq!(read(&blank, 512).unwrap(), None);

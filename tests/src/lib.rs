@@ -376,6 +376,14 @@ impl TestNet {
         std::fs::read_to_string(self.serial_path()).unwrap_or_default()
     }
 
+    /// Whether the process started as `name` still runs.
+    pub fn running(&mut self, name: &str) -> bool {
+        self.procs
+            .iter_mut()
+            .filter(|p| p.name == name)
+            .any(|p| p.check_alive().is_ok())
+    }
+
     /// Checks that every started process still runs.
     pub fn check_alive(&mut self) -> Result<()> {
         for p in &mut self.procs {

@@ -7,6 +7,7 @@
 use anyhow::{Context, Result};
 use cairn_e2e::{inputs_or_skip, run, workload, Scenario, NODE};
 use serde_json::Value;
+use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -148,9 +149,71 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
 
     // The ACPI power button: workloads stopped, the volume unmounted, the
     // machine off; the filesystem needs no recovery.
+    power_button(&mut sc)?;
+    let logs = check_volume(&disk)?;
+    assert!(
+        logs.contains("web.log") && logs.contains("cairn-init.log"),
+        "{logs}"
+    );
+
+    // The disk grows (a cloud volume resized while the node was off): the
+    // next boot grows the partition and the filesystem, online. The hub
+    // still serves the refused v1: the node runs its last known good v2
+    // anyway (this once left a rebooted node with nothing running).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .set_len(2 << 30)?;
+    sc.boot()?;
+    let mut st = Value::Null;
+    sc.net.wait_until(
+        "third boot: grown volume reported",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(st["storage"]["total_bytes"].as_u64().unwrap_or(0) > 3 << 29
+                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    println!(
+        "third boot: {} bytes, notes {}",
+        st["storage"]["total_bytes"], st["storage"]["notes"]
+    );
+    let (code, body) = sc.net.http_get(&note)?;
+    assert_eq!((code, body.trim()), (200, "note=survived-power-cut"));
+    power_button(&mut sc)?;
+    check_volume(&disk)?;
+
+    // A damaged filesystem (superblock magic zeroed): not mounted, the node
+    // says why and runs from RAM; workloads still run.
+    let part = partition(&disk)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .write_all_at(&[0, 0], part.start + 1024 + 0x38)?;
+    sc.boot()?;
+    sc.net.wait_until(
+        "fourth boot: RAM mode, web answering",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(st["storage"]["mode"] == "ram"
+                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    let notes = st["storage"]["notes"].to_string();
+    println!("damaged volume: {notes}");
+    assert!(
+        notes.contains("not mounted") && notes.contains("RAM"),
+        "{notes}"
+    );
+    Ok(())
+}
+
+fn power_button(sc: &mut Scenario) -> Result<()> {
     sc.net.monitor("system_powerdown")?;
     let t0 = std::time::Instant::now();
-    while sc.net.check_alive().is_ok() {
+    while sc.net.running("qemu") {
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(60),
             "QEMU still running 60 s after the power button"
@@ -167,41 +230,73 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         "console names the button"
     );
     assert!(console.contains("state volume unmounted"), "clean unmount");
-    let f = std::fs::File::open(&disk)?;
-    let part = cairn_storage::gpt::read(&f, 512)?
-        .and_then(|p| p.into_iter().find(|p| p.name == "cairn-state"))
-        .context("no cairn-state partition on the disk")?;
-    let e2fsck = ["/usr/sbin/e2fsck", "/sbin/e2fsck"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    match e2fsck {
-        None => println!("SKIP: e2fsck not installed; the powered-off volume is not checked"),
-        Some(bin) => {
-            let dev = run(Command::new("losetup")
-                .args([
-                    "-f",
-                    "--show",
-                    "-o",
-                    &part.start.to_string(),
-                    "--sizelimit",
-                    &part.len.to_string(),
-                ])
-                .arg(&disk))?;
-            let dev = dev.trim().to_string();
-            let out = Command::new(bin).args(["-fn", &dev]).output();
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-            let out = out?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            println!(
-                "e2fsck -fn after power-off: {}",
-                text.lines().last().unwrap_or_default()
-            );
-            assert!(
-                out.status.success(),
-                "e2fsck -fn after a clean power-off:\n{text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    sc.net.stop("qemu");
     Ok(())
+}
+
+fn partition(disk: &std::path::Path) -> Result<cairn_storage::gpt::Partition> {
+    let f = std::fs::File::open(disk)?;
+    cairn_storage::gpt::read(&f, 512)?
+        .and_then(|p| p.into_iter().find(|p| p.name == "cairn-state"))
+        .context("no cairn-state partition on the disk")
+}
+
+/// e2fsck -fn on the powered-off volume (must be clean), then a read-only
+/// look at what is on it; returns the list of log files.
+fn check_volume(disk: &std::path::Path) -> Result<String> {
+    let part = partition(disk)?;
+    let dev = run(Command::new("losetup")
+        .args([
+            "-f",
+            "--show",
+            "-o",
+            &part.start.to_string(),
+            "--sizelimit",
+            &part.len.to_string(),
+        ])
+        .arg(disk))?
+    .trim()
+    .to_string();
+    let result = (|| -> Result<String> {
+        match ["/usr/sbin/e2fsck", "/sbin/e2fsck"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        {
+            None => println!("SKIP: e2fsck not installed; the powered-off volume is not checked"),
+            Some(bin) => {
+                let out = Command::new(bin).args(["-fn", &dev]).output()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                println!(
+                    "e2fsck -fn after power-off: {}",
+                    text.lines().last().unwrap_or_default()
+                );
+                anyhow::ensure!(
+                    out.status.success(),
+                    "e2fsck -fn after a clean power-off:\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let mnt = tempfile::tempdir()?;
+        run(Command::new("mount")
+            .args(["-o", "ro", "-t", "ext4", &dev])
+            .arg(mnt.path()))?;
+        let logs = std::fs::read_dir(mnt.path().join("logs"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let web = std::fs::read_to_string(mnt.path().join("logs/web.log")).unwrap_or_default();
+        let _ = Command::new("umount").arg(mnt.path()).status();
+        println!(
+            "logs on the volume: {logs}; web.log: {}",
+            web.lines().next().unwrap_or_default()
+        );
+        Ok(logs)
+    })();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    result
 }
