@@ -166,12 +166,94 @@ pub fn bring_up() -> Volume {
                 Ok(Ok(None)) => "no ext4 superblock: damaged or overwritten".to_string(),
                 _ => "the kernel refused the filesystem; see the kernel log above".to_string(),
             };
-            let msg = format!("{}: not mounted ({e}: {why}); running from RAM", dev.display());
+            let msg = format!(
+                "{}: not mounted ({e}: {why}); running from RAM",
+                dev.display()
+            );
             tracing::error!("{msg}");
             v.notes.push(msg);
         }
     }
     v
+}
+
+impl Volume {
+    /// The manifest's `[storage]` rule on a node that runs from RAM: use
+    /// the disk with `serial`; one with data we do not recognise (or a
+    /// damaged cairn volume) only with `wipe`. A node that already has a
+    /// state volume keeps it (moving one is not done live).
+    pub fn adopt(&mut self, serial: &str, wipe: bool) -> Result<bool, String> {
+        if let Some(dev) = &self.device {
+            let current = self
+                .disks
+                .iter()
+                .find(|(d, _)| dev.starts_with(&d.path.display().to_string()));
+            if current.is_some_and(|(d, _)| d.serial.as_deref() == Some(serial)) {
+                return Ok(false);
+            }
+            return Err(format!("state volume already on {dev}; the manifest's disk {serial} is used only by a node without one"));
+        }
+        let found = disks::discover(Path::new("/sys"), Path::new("/dev"));
+        let d = found
+            .iter()
+            .find(|d| d.serial.as_deref() == Some(serial))
+            .ok_or_else(|| {
+                format!(
+                    "no disk with serial {serial} (disks: {})",
+                    found
+                        .iter()
+                        .map(|d| format!("{} {}", d.name, d.serial.as_deref().unwrap_or("-")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        if d.read_only {
+            return Err(format!("{} (serial {serial}) is read-only", d.name));
+        }
+        if d.bytes < ext4::MIN_BYTES + (2 << 20) {
+            return Err(format!(
+                "{} (serial {serial}) has {} bytes, below the minimum",
+                d.name, d.bytes
+            ));
+        }
+        let f = std::fs::File::open(&d.path).map_err(|e| format!("{}: {e}", d.path.display()))?;
+        let content = disks::inspect(&f, d.bytes, d.sector).map_err(|e| e.to_string())?;
+        drop(f);
+        match content {
+            Content::Cairn(p) if mount_ext4(&partition_path(d, p.number), Path::new(ROOT)).is_ok() => {
+                self.device = Some(partition_path(d, p.number).display().to_string());
+                return Ok(true);
+            }
+            Content::Empty => {}
+            other if wipe => {
+                tracing::warn!(disk = %d.name, serial, found = ?other, "wiping the disk the manifest names");
+            }
+            Content::Cairn(_) => return Err(format!("{} (serial {serial}): its cairn volume does not mount; set wipe = true to reformat it", d.name)),
+            Content::Foreign(what) => return Err(format!("{} (serial {serial}) holds {what}; set wipe = true to use it", d.name)),
+        }
+        // Wiping: clear both ends so nothing old is recognised any more.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.path)
+            .map_err(|e| e.to_string())?;
+        let zero = vec![0u8; 1 << 20];
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&zero, 0)
+            .and_then(|()| f.write_all_at(&zero, d.bytes - (1 << 20)))
+            .map_err(|e| e.to_string())?;
+        drop(f);
+        let (p, ms) = prepare(d)?;
+        let dev = partition_path(d, p.number);
+        mount_ext4(&dev, Path::new(ROOT)).map_err(|e| format!("{}: {e}", dev.display()))?;
+        self.device = Some(dev.display().to_string());
+        self.formatted_ms = Some(ms);
+        self.notes.push(format!(
+            "{} (serial {serial}) prepared as the manifest asked",
+            d.name
+        ));
+        let _ = std::fs::create_dir_all(Path::new(ROOT).join(NODE_DIR));
+        Ok(true)
+    }
 }
 
 /// Writes our GPT and formats its partition; returns it and the time taken.
@@ -364,6 +446,15 @@ impl Records {
         });
         if let Err(e) = r {
             tracing::error!(error = %e, "could not record the applied manifest");
+        }
+    }
+
+    /// Stores `k` as the node key (a RAM-only node that gains a volume).
+    pub fn save_key(&self, k: &SigningKey) {
+        let _ = std::fs::create_dir_all(&self.dir);
+        if let Err(e) = files::write_atomic(&self.dir.join("node.key"), k.to_file_text().as_bytes())
+        {
+            tracing::error!(error = %e, "node key not stored");
         }
     }
 

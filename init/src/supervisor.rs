@@ -469,6 +469,11 @@ struct Supervisor<'a> {
     space_checked: Instant,
     /// The last garbage collection, for the status.
     last_gc: Value,
+    /// Why the manifest's storage rule is not in effect.
+    storage_error: Option<String>,
+    /// The signed bytes of the manifest applied last (recorded again when
+    /// a state volume appears).
+    last_bytes: Option<Vec<u8>>,
 }
 
 fn describe_exit(status: i32) -> (String, bool) {
@@ -516,6 +521,8 @@ impl<'a> Supervisor<'a> {
             gc_due: true,
             space_checked: Instant::now(),
             last_gc: Value::Null,
+            storage_error: None,
+            last_bytes: None,
         }
     }
 
@@ -626,6 +633,7 @@ impl<'a> Supervisor<'a> {
                 tracing::info!(version = m.version, "applying manifest");
                 clock_floor(m.issued_at, "manifest issue time");
                 self.boot.records.save_applied(&applied, bytes);
+                self.last_bytes = Some(bytes.to_vec());
                 self.boot.lkg = None;
                 self.boot.manifest_source = "hub";
                 self.boot.applied = Some(applied);
@@ -766,8 +774,38 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// The manifest's `[storage]` rule: a RAM-only node takes the named
+    /// disk; what this boot recorded in RAM moves there.
+    fn apply_storage(&mut self, m: &Manifest) {
+        let Some(serial) = m.storage.state_disk_serial.as_deref() else {
+            self.storage_error = None;
+            return;
+        };
+        match self.boot.volume.adopt(serial, m.storage.wipe) {
+            Ok(true) => {
+                tracing::info!(serial, device = ?self.boot.volume.device, "state volume from the manifest's rule mounted");
+                self.storage_error = None;
+                crate::logs::start_own_log();
+                if let Some(k) = &self.boot.node_key {
+                    self.boot.records.save_key(k);
+                }
+                if let (Some(a), Some(b)) = (&self.boot.applied, &self.last_bytes) {
+                    self.boot.records.save_applied(a, b);
+                }
+            }
+            Ok(false) => self.storage_error = None,
+            Err(e) => {
+                if self.storage_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(serial, "storage rule not applied: {e}");
+                }
+                self.storage_error = Some(e);
+            }
+        }
+    }
+
     fn apply(&mut self, m: Manifest) {
         self.gc_due = true;
+        self.apply_storage(&m);
         self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
         if let Some(net) = self.boot.net.as_mut() {
@@ -1254,7 +1292,7 @@ impl<'a> Supervisor<'a> {
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
             "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
-                .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).collect::<Vec<_>>(),
+                .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).chain(self.storage_error.iter()).collect::<Vec<_>>(),
             "storage": storage,
             "node_key": self.boot.node_key.as_ref().map(|k| json!({
                 "id": k.id().0,

@@ -207,6 +207,38 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         notes.contains("not mounted") && notes.contains("RAM"),
         "{notes}"
     );
+
+    // The operator names the disk in the manifest: refused without wipe
+    // (the node says how to proceed), then reformatted with it.
+    let rule = "\n[storage]\nstate_disk_serial = \"CAIRN-E2E-DISK\"\n";
+    let v3 = sc.sign("v3", &sc.manifest(3, rule))?;
+    sc.publish(NODE, &v3)?;
+    sc.net.wait_until(
+        "the storage rule refused without wipe",
+        Duration::from_secs(60),
+        || {
+            st = sc.status()?;
+            Ok(st["errors"].to_string().contains("set wipe = true"))
+        },
+    )?;
+    println!("without wipe: {}", st["errors"]);
+    let v4 = sc.sign("v4", &sc.manifest(4, &format!("{rule}wipe = true\n")))?;
+    sc.publish(NODE, &v4)?;
+    sc.net.wait_until(
+        "the named disk reformatted and mounted",
+        Duration::from_secs(60),
+        || {
+            st = sc.status()?;
+            Ok(st["storage"]["mode"] == "disk" && st["manifest"]["applied_version"] == 4)
+        },
+    )?;
+    println!(
+        "with wipe: {} ({})",
+        st["storage"]["device"], st["storage"]["notes"]
+    );
+    assert!(st["storage"]["formatted_this_boot_ms"].is_u64());
+    power_button(&mut sc)?;
+    check_volume(&disk)?;
     Ok(())
 }
 
