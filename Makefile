@@ -78,6 +78,7 @@ bench: image demo-image
 	  cargo run -q -p cairn-e2e --bin bench-boot
 	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
 	  cargo run -q -p cairn-e2e --bin bench-dhcp
+	cargo run -q --release -p cairn-e2e --bin bench-format
 
 lint:
 	cargo fmt --all -- --check

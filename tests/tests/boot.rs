@@ -80,6 +80,18 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         println!("SKIP: chronyd not installed, the node's SNTP is not checked end to end");
     }
 
+    // No disk: the node runs from RAM and says what that costs.
+    let storage = &st["storage"];
+    assert_eq!(storage["mode"], "ram", "{storage}");
+    assert!(
+        storage["notes"].to_string().contains("no usable disk"),
+        "{storage}"
+    );
+    assert!(
+        st["node_key"]["public"].is_string(),
+        "a node key even in RAM"
+    );
+
     // A malformed command-line value is named in the status; boot went on.
     let errors = st["errors"].to_string();
     assert!(

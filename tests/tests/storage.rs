@@ -49,6 +49,14 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         (Some("vda"), Some("CAIRN-E2E-DISK")),
         "{vda}"
     );
+    let answering_ms = |st: &Value| {
+        st["timeline"].as_array().and_then(|t| {
+            t.iter()
+                .find(|p| p["phase"] == "workload-answering")
+                .and_then(|p| p["ms"].as_u64())
+        })
+    };
+    let first_answer = answering_ms(&st);
     let key = st["node_key"]["public"]
         .as_str()
         .context("no node key")?
@@ -130,6 +138,11 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         st["manifest"], st["storage"]["device"]
     );
     assert_eq!(st["manifest"]["source"], "disk");
+    println!(
+        "kernel start -> web answering: first boot {:?} ms (format + pull), second boot {:?} ms (layers on disk, hub down)",
+        first_answer,
+        answering_ms(&st)
+    );
     assert_eq!(
         st["node_key"]["public"],
         key.as_str(),
