@@ -449,6 +449,21 @@ impl Records {
         }
     }
 
+    /// The highest power request id carried out.
+    pub fn power_done(&self) -> u64 {
+        files::read_optional(&self.dir.join("power-done"))
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records power request `id` as carried out (before acting on it).
+    pub fn save_power_done(&self, id: u64) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        files::write_atomic(&self.dir.join("power-done"), id.to_string().as_bytes())
+    }
+
     /// Stores `k` as the node key (a RAM-only node that gains a volume).
     pub fn save_key(&self, k: &SigningKey) {
         let _ = std::fs::create_dir_all(&self.dir);

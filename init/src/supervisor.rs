@@ -803,9 +803,46 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// A manifest's one-off reboot or power-off. Only with a state volume:
+    /// a RAM-only node could not remember it already obeyed, and would
+    /// reboot forever.
+    fn apply_power(&mut self, m: &Manifest) {
+        let Some(p) = &m.power else {
+            return;
+        };
+        let done = self.boot.records.power_done();
+        if p.id <= done {
+            return;
+        }
+        if self.boot.volume.device.is_none() {
+            self.storage_error = Some(format!(
+                "power request {} ({}) not carried out: a node without a state volume cannot remember it did",
+                p.id, p.action
+            ));
+            return;
+        }
+        if let Err(e) = self.boot.records.save_power_done(p.id) {
+            self.storage_error = Some(format!(
+                "power request {} not carried out: recording it failed: {e}",
+                p.id
+            ));
+            return;
+        }
+        tracing::warn!(id = p.id, action = %p.action, "{} requested by the manifest", p.action);
+        let sig = if p.action == "reboot" {
+            libc::SIGINT
+        } else {
+            libc::SIGPWR
+        };
+        // SAFETY: signalling ourselves; PID 1's signal loop turns it into a
+        // clean shutdown (workloads stopped, volume unmounted).
+        unsafe { libc::kill(libc::getpid(), sig) };
+    }
+
     fn apply(&mut self, m: Manifest) {
         self.gc_due = true;
         self.apply_storage(&m);
+        self.apply_power(&m);
         self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
         if let Some(net) = self.boot.net.as_mut() {

@@ -36,6 +36,21 @@ pub struct Manifest {
     /// Functions (containers with pre-warmed instances).
     #[serde(default, rename = "function")]
     pub functions: Vec<FunctionSpec>,
+    /// A one-off power action (clean reboot or power-off).
+    #[serde(default)]
+    pub power: Option<PowerRequest>,
+}
+
+/// Reboot or power off once: the node acts when `id` is higher than the
+/// last request it carried out (remembered on its state volume, so the
+/// same manifest after the reboot does nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerRequest {
+    /// Increase it to ask again.
+    pub id: u64,
+    /// `reboot` or `poweroff`.
+    pub action: String,
 }
 
 /// Networking of the node and of its workloads.
@@ -454,6 +469,9 @@ pub enum SpecError {
     /// The workload subnet is not an IPv4 CIDR with room for workloads.
     #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
     BadSubnet(String),
+    /// A power request with an unknown action.
+    #[error("power.action {0:?} is not reboot or poweroff")]
+    BadPower(String),
     /// A volume with a bad name or path.
     #[error("{workload}: volume {name:?} at {path:?}: the name must be a DNS label and the path absolute, without '.' or '..' parts, and not /")]
     BadVolume {
@@ -593,6 +611,11 @@ impl Manifest {
         match parse_ipv4_cidr(&self.network.workload_subnet) {
             Some((_, len)) if (16..=29).contains(&len) => {}
             _ => return Err(SpecError::BadSubnet(self.network.workload_subnet.clone())),
+        }
+        if let Some(p) = &self.power {
+            if p.action != "reboot" && p.action != "poweroff" {
+                return Err(SpecError::BadPower(p.action.clone()));
+            }
         }
         crate::netcheck::validate(&self.network)
     }

@@ -246,6 +246,7 @@ impl From<Manifest> for crate::Manifest {
                     port: f.port,
                 })
                 .collect(),
+            power: None,
         }
     }
 }

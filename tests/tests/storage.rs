@@ -250,6 +250,48 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
         st["storage"]["device"], st["storage"]["notes"]
     );
     assert!(st["storage"]["formatted_this_boot_ms"].is_u64());
+
+    // A reboot asked for by the manifest: clean, once.
+    let reboot = format!("{rule}wipe = true\n\n[power]\nid = 1\naction = \"reboot\"\n");
+    let v5 = sc.sign("v5", &sc.manifest(5, &reboot))?;
+    sc.publish(NODE, &v5)?;
+    let t0 = std::time::Instant::now();
+    while sc.net.running("qemu") {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no reboot 90 s after the request"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = sc.net.serial();
+    assert!(
+        console.contains("reboot requested by the manifest"),
+        "console says why"
+    );
+    assert!(
+        console.contains("state volume unmounted"),
+        "clean unmount before the reboot"
+    );
+    sc.net.stop("qemu");
+    check_volume(&disk)?;
+    sc.boot()?;
+    sc.net.wait_until(
+        "after the requested reboot: v5 applied, web answering",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(st["manifest"]["applied_version"] == 5
+                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    let boot_id = st["boot_id"].clone();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        sc.net.running("qemu"),
+        "the same request must not reboot the node again"
+    );
+    assert_eq!(sc.status()?["boot_id"], boot_id);
+    println!("manifest reboot: done once, the node stays up on the same manifest");
     power_button(&mut sc)?;
     check_volume(&disk)?;
     Ok(())
