@@ -356,7 +356,11 @@ impl Store {
                 // Temporary names (`.tmp-…`, `x.tmp-…`) belong to a pull or
                 // unpack that died; digests are 64 hex characters.
                 let stem = name.split('.').next().unwrap_or_default().to_string();
-                if keep.contains(&stem) {
+                let temporary = [".partial-", ".tmp-", ".unpacking-"]
+                    .iter()
+                    .any(|t| name.contains(t))
+                    || name.starts_with('.');
+                if keep.contains(&stem) && !temporary {
                     continue;
                 }
                 let _lock = DigestLock::take(&format!("sha256:{stem}"));
@@ -490,17 +494,25 @@ impl Store {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(io_err(format!("downloading {what}")))?;
-            if n == 0 {
-                break;
+        // A failed transfer (a full disk, a dropped connection) leaves no
+        // partial file behind to eat the space.
+        let copied = (|| -> Result<(), PullError> {
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(io_err(format!("downloading {what}")))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n])
+                    .map_err(io_err(format!("writing {what} to {}", tmp.display())))?;
+                total += n as u64;
             }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n])
-                .map_err(io_err(format!("writing {}", tmp.display())))?;
-            total += n as u64;
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
         if let Err(e) = check_digest(what, &d.digest, &got) {
@@ -683,6 +695,106 @@ fn du(p: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tiny registry: serves `blobs` (digest → bytes) under any repository.
+    fn serve(blobs: Vec<(String, Vec<u8>)>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                use std::io::{BufRead, BufReader};
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = r.read_line(&mut first);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) <= 2 {
+                        break;
+                    }
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+                let body = blobs
+                    .iter()
+                    .find(|(d, _)| path.ends_with(d.as_str()))
+                    .map(|(_, b)| b.clone());
+                let mut c = c;
+                let _ = match body {
+                    Some(b) => c
+                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len()).as_bytes())
+                        .and_then(|()| c.write_all(&b)),
+                    None => c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                };
+            }
+        });
+        addr
+    }
+
+    /// A full state volume: the pull fails naming the cause, and no partial
+    /// blob is left to eat the space. (A 512 KiB tmpfs stands in for it.)
+    #[test]
+    fn a_full_disk_fails_the_pull_clearly_and_leaves_nothing_behind() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP: full-disk pull test needs root to mount a small tmpfs");
+            return;
+        }
+        let layer = vec![7u8; 2 << 20];
+        let config = br#"{"config":{"Cmd":["/hello"]}}"#.to_vec();
+        let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            d(&config), config.len(), d(&layer), layer.len()
+        )
+        .into_bytes();
+        let image = ImageRef {
+            registry: serve(vec![
+                (d(&manifest), manifest.clone()),
+                (d(&config), config.clone()),
+                (d(&layer), layer.clone()),
+            ]),
+            repository: "demo/big".into(),
+            digest: d(&manifest),
+            insecure: true,
+        };
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("store");
+        std::fs::create_dir(&root).unwrap();
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mounting a small tmpfs on our own temp dir; unmounted below.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c(&root).as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=512k".as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        let r = Store::new(&root).pull(&image);
+        let leftovers: Vec<String> = std::fs::read_dir(root.join("blobs/sha256"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // SAFETY: unmounting what we mounted.
+        unsafe { libc::umount2(c(&root).as_ptr(), libc::MNT_DETACH) };
+        let e = match r {
+            Ok(_) => panic!("the pull must fail on a full disk"),
+            Err(e) => e.to_string(),
+        };
+        println!("{e}");
+        assert!(
+            e.contains("No space left on device") && e.contains("layer 0"),
+            "{e}"
+        );
+        assert!(
+            leftovers.iter().all(|n| !n.contains("partial")),
+            "partial blob left: {leftovers:?}"
+        );
+    }
 
     #[test]
     fn gc_keeps_what_images_in_use_need_and_removes_the_rest() {

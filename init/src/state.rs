@@ -179,34 +179,61 @@ pub fn bring_up() -> Volume {
 
 impl Volume {
     /// The manifest's `[storage]` rule on a node that runs from RAM: use
-    /// the disk with `serial`; one with data we do not recognise (or a
-    /// damaged cairn volume) only with `wipe`. A node that already has a
-    /// state volume keeps it (moving one is not done live).
-    pub fn adopt(&mut self, serial: &str, wipe: bool) -> Result<bool, String> {
+    /// the disk with that serial or device path, or the first empty one of
+    /// at least the given size. Foreign data (or a damaged cairn volume) is
+    /// wiped only with `wipe`, which needs the serial. A node that already
+    /// has a state volume keeps it (moving one is not done live).
+    pub fn adopt(&mut self, rule: &cairn_manifest::StorageSpec) -> Result<bool, String> {
+        let (serial, path, min) = (
+            rule.state_disk_serial.as_deref(),
+            rule.state_disk_path.as_deref(),
+            rule.state_disk_min_bytes,
+        );
+        if serial.is_none() && path.is_none() && min.is_none() {
+            return Ok(false);
+        }
+        let wanted = serial
+            .map(|s| format!("serial {s}"))
+            .or(path.map(|p| format!("path {p}")))
+            .unwrap_or_else(|| format!("an empty disk of at least {} bytes", min.unwrap_or(0)));
         if let Some(dev) = &self.device {
             let current = self
                 .disks
                 .iter()
                 .find(|(d, _)| dev.starts_with(&d.path.display().to_string()));
-            if current.is_some_and(|(d, _)| d.serial.as_deref() == Some(serial)) {
+            let same = current.is_some_and(|(d, _)| {
+                serial.is_none_or(|s| d.serial.as_deref() == Some(s))
+                    && min.is_none_or(|m| d.bytes >= m)
+            });
+            if same || (serial.is_none() && path.is_none()) {
                 return Ok(false);
             }
-            return Err(format!("state volume already on {dev}; the manifest's disk {serial} is used only by a node without one"));
+            return Err(format!("state volume already on {dev}; the manifest's {wanted} is used only by a node without one"));
         }
         let found = disks::discover(Path::new("/sys"), Path::new("/dev"));
-        let d = found
-            .iter()
-            .find(|d| d.serial.as_deref() == Some(serial))
-            .ok_or_else(|| {
-                format!(
-                    "no disk with serial {serial} (disks: {})",
-                    found
-                        .iter()
-                        .map(|d| format!("{} {}", d.name, d.serial.as_deref().unwrap_or("-")))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
+        let by_path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)));
+        let content = |d: &Disk| {
+            std::fs::File::open(&d.path)
+                .and_then(|f| disks::inspect(&f, d.bytes, d.sector))
+                .unwrap_or_else(|e| Content::Foreign(e.to_string()))
+        };
+        let d = pick(&found, rule, by_path.as_deref(), content).ok_or_else(|| {
+            format!(
+                "no disk matches {wanted} (disks: {})",
+                found
+                    .iter()
+                    .map(|d| format!(
+                        "{} {} {} bytes",
+                        d.name,
+                        d.serial.as_deref().unwrap_or("-"),
+                        d.bytes
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let serial = d.serial.clone().unwrap_or_else(|| "-".into());
+        let wipe = rule.wipe && rule.state_disk_serial.is_some();
         if d.read_only {
             return Err(format!("{} (serial {serial}) is read-only", d.name));
         }
@@ -254,6 +281,27 @@ impl Volume {
         let _ = std::fs::create_dir_all(Path::new(ROOT).join(NODE_DIR));
         Ok(true)
     }
+}
+
+/// The disk a `[storage]` rule names: by serial or device path exactly;
+/// by size only among disks that are empty or hold our volume.
+fn pick<'a>(
+    found: &'a [Disk],
+    rule: &cairn_manifest::StorageSpec,
+    path: Option<&Path>,
+    content: impl Fn(&Disk) -> Content,
+) -> Option<&'a Disk> {
+    let exact = rule.state_disk_serial.is_some() || path.is_some();
+    found
+        .iter()
+        .filter(|d| {
+            rule.state_disk_serial
+                .as_deref()
+                .is_none_or(|s| d.serial.as_deref() == Some(s))
+        })
+        .filter(|d| path.is_none_or(|p| p == d.path))
+        .filter(|d| rule.state_disk_min_bytes.is_none_or(|m| d.bytes >= m))
+        .find(|d| exact || matches!(content(d), Content::Empty | Content::Cairn(_)))
 }
 
 /// Writes our GPT and formats its partition; returns it and the time taken.
@@ -491,6 +539,80 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn disk(name: &str, serial: &str, gib: u64) -> Disk {
+        Disk {
+            name: name.into(),
+            path: Path::new("/dev").join(name),
+            bytes: gib << 30,
+            bus: "virtio".into(),
+            model: None,
+            serial: Some(serial.into()),
+            rotational: false,
+            removable: false,
+            read_only: false,
+            sector: 512,
+            partitions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn storage_rules_pick_by_serial_path_or_size() {
+        let found = vec![
+            disk("vda", "OS", 8),
+            disk("vdb", "DATA-1", 2),
+            disk("vdc", "DATA-2", 100),
+        ];
+        // vda holds something foreign, the others are empty.
+        let content = |d: &Disk| {
+            if d.name == "vda" {
+                Content::Foreign("ext4".into())
+            } else {
+                Content::Empty
+            }
+        };
+        let rule = |serial: Option<&str>, min: Option<u64>| cairn_manifest::StorageSpec {
+            state_disk_serial: serial.map(str::to_string),
+            state_disk_min_bytes: min,
+            ..Default::default()
+        };
+        let name = |d: Option<&Disk>| d.map(|d| d.name.clone());
+        assert_eq!(
+            name(pick(&found, &rule(Some("DATA-2"), None), None, content)),
+            Some("vdc".into())
+        );
+        assert_eq!(
+            name(pick(&found, &rule(Some("OS"), None), None, content)),
+            Some("vda".into()),
+            "exact: content is judged later (wipe)"
+        );
+        assert_eq!(
+            name(pick(&found, &rule(Some("NOPE"), None), None, content)),
+            None
+        );
+        assert_eq!(
+            name(pick(
+                &found,
+                &rule(None, None),
+                Some(Path::new("/dev/vdb")),
+                content
+            )),
+            Some("vdb".into())
+        );
+        // By size: never the foreign disk, even though it is large enough.
+        assert_eq!(
+            name(pick(&found, &rule(None, Some(4 << 30)), None, content)),
+            Some("vdc".into())
+        );
+        assert_eq!(
+            name(pick(&found, &rule(None, Some(1 << 30)), None, content)),
+            Some("vdb".into())
+        );
+        assert_eq!(
+            name(pick(&found, &rule(None, Some(200 << 30)), None, content)),
+            None
+        );
+    }
 
     #[test]
     fn partition_names() {

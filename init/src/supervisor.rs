@@ -777,13 +777,9 @@ impl<'a> Supervisor<'a> {
     /// The manifest's `[storage]` rule: a RAM-only node takes the named
     /// disk; what this boot recorded in RAM moves there.
     fn apply_storage(&mut self, m: &Manifest) {
-        let Some(serial) = m.storage.state_disk_serial.as_deref() else {
-            self.storage_error = None;
-            return;
-        };
-        match self.boot.volume.adopt(serial, m.storage.wipe) {
+        match self.boot.volume.adopt(&m.storage) {
             Ok(true) => {
-                tracing::info!(serial, device = ?self.boot.volume.device, "state volume from the manifest's rule mounted");
+                tracing::info!(device = ?self.boot.volume.device, "state volume from the manifest's rule mounted");
                 self.storage_error = None;
                 crate::logs::start_own_log();
                 if let Some(k) = &self.boot.node_key {
@@ -796,7 +792,7 @@ impl<'a> Supervisor<'a> {
             Ok(false) => self.storage_error = None,
             Err(e) => {
                 if self.storage_error.as_deref() != Some(e.as_str()) {
-                    tracing::error!(serial, "storage rule not applied: {e}");
+                    tracing::error!("storage rule not applied: {e}");
                 }
                 self.storage_error = Some(e);
             }

@@ -213,9 +213,16 @@ pub struct StorageSpec {
     /// Disk serial to use (and, with `wipe`, to format even if it has data).
     #[serde(default)]
     pub state_disk_serial: Option<String>,
-    /// Allow formatting a disk that holds data we don't recognise.
+    /// Allow formatting a disk that holds data we don't recognise (only
+    /// together with `state_disk_serial`: never a disk chosen by size).
     #[serde(default)]
     pub wipe: bool,
+    /// Disk device path (`/dev/vdb`, `/dev/disk/by-path/…`).
+    #[serde(default)]
+    pub state_disk_path: Option<String>,
+    /// The first empty disk at least this large.
+    #[serde(default)]
+    pub state_disk_min_bytes: Option<u64>,
 }
 
 /// What to do when a workload's process ends.
@@ -469,6 +476,9 @@ pub enum SpecError {
     /// The workload subnet is not an IPv4 CIDR with room for workloads.
     #[error("workload_subnet {0:?} is not an IPv4 CIDR between /16 and /29")]
     BadSubnet(String),
+    /// A `[storage]` rule that cannot be applied safely.
+    #[error("storage: {0}")]
+    BadStorage(String),
     /// A power request with an unknown action.
     #[error("power.action {0:?} is not reboot or poweroff")]
     BadPower(String),
@@ -611,6 +621,19 @@ impl Manifest {
         match parse_ipv4_cidr(&self.network.workload_subnet) {
             Some((_, len)) if (16..=29).contains(&len) => {}
             _ => return Err(SpecError::BadSubnet(self.network.workload_subnet.clone())),
+        }
+        if self.storage.wipe && self.storage.state_disk_serial.is_none() {
+            return Err(SpecError::BadStorage(
+                "wipe = true needs state_disk_serial: a disk chosen by path or size is never wiped"
+                    .into(),
+            ));
+        }
+        if let Some(p) = &self.storage.state_disk_path {
+            if !p.starts_with("/dev/") || p.split('/').any(|c| c == "..") {
+                return Err(SpecError::BadStorage(format!(
+                    "state_disk_path {p:?} is not a path under /dev"
+                )));
+            }
         }
         if let Some(p) = &self.power {
             if p.action != "reboot" && p.action != "poweroff" {

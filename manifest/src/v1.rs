@@ -181,6 +181,7 @@ impl From<Manifest> for crate::Manifest {
             storage: crate::StorageSpec {
                 state_disk_serial: m.storage.state_disk_serial,
                 wipe: m.storage.wipe,
+                ..crate::StorageSpec::default()
             },
             containers: m
                 .containers
