@@ -156,24 +156,12 @@ mod tests {
         assert!(t.path().join("web.log.1").exists() && t.path().join("web.log.2").exists());
         assert!(!t.path().join("web.log.3").exists(), "only 2 kept");
         let old = std::fs::read_to_string(t.path().join("web.log.2")).unwrap();
-        let n_old: u32 = old
-            .lines()
-            .last()
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let n_cur: u32 = cur
-            .lines()
-            .next()
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let number = |line: Option<&str>| -> u32 {
+            line.and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap()
+        };
+        let (n_old, n_cur) = (number(old.lines().last()), number(cur.lines().next()));
         assert!(n_old < n_cur);
         // A restart (new LogFile) appends to the same file.
         let mut again = LogFile::new(t.path(), "web", 200, 2);

@@ -14,25 +14,12 @@ use serde_json::Value;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
 
+/// The scenario's demo manifest with web's UDP port added and `network`
+/// as the `[network]` section.
 fn manifest(sc: &Scenario, version: u64, network: &str) -> String {
-    format!(
-        r#"node = "{NODE}"
-version = {version}
-
-[[container]]
-name = "peer"
-image = {{ registry = "{r}", repository = "demo/hello", digest = "{d}", insecure = true }}
-
-[[container]]
-name = "web"
-image = {{ registry = "{r}", repository = "demo/hello", digest = "{d}", insecure = true }}
-port = [{{ host = 8080, container = 80 }}, {{ host = 9000, container = 80, protocol = "udp" }}]
-
-[network]
-{network}
-"#,
-        r = sc.registry,
-        d = sc.digest
+    sc.manifest(version, &format!("\n[network]\n{network}")).replace(
+        "port = [{ host = 8080, container = 80 }]",
+        r#"port = [{ host = 8080, container = 80 }, { host = 9000, container = 80, protocol = "udp" }]"#,
     )
 }
 
