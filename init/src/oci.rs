@@ -254,6 +254,39 @@ impl DigestLock {
     }
 }
 
+impl DigestLock {
+    fn try_take(digest: &str) -> Option<DigestLock> {
+        let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        if busy.iter().any(|d| d == digest) {
+            return None;
+        }
+        busy.push(digest.to_string());
+        Some(DigestLock(digest.to_string()))
+    }
+}
+
+/// Pulls in flight (GC runs only when there are none).
+pub fn pulls_in_flight() -> usize {
+    PULLS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+static PULLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct PullGuard;
+
+impl PullGuard {
+    fn new() -> PullGuard {
+        PULLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        PullGuard
+    }
+}
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        PULLS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for DigestLock {
     fn drop(&mut self) {
         let mut busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
@@ -311,15 +344,29 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
-        std::fs::write(&tmp, &body).map_err(io_err(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        // Durable before it is relied on: GC reads these to know what the
+        // running images need.
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&body)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| {
+                path.parent()
+                    .map_or(Ok(()), |d| std::fs::File::open(d)?.sync_all())
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(format!("storing manifest {digest}"))(e));
+        }
         parse_manifest(digest, &body)
     }
 
     /// Every digest that images `in_use` need (their manifests, the
     /// linux/amd64 manifest of an index, configs, layers), read from the
     /// store; an image whose manifest is not stored needs nothing stored.
-    fn marked(&self, in_use: &[String]) -> std::collections::BTreeSet<String> {
+    fn marked(&self, in_use: &[String]) -> Option<std::collections::BTreeSet<String>> {
         let mut keep = std::collections::BTreeSet::new();
         let mut queue: Vec<String> = in_use.to_vec();
         while let Some(d) = queue.pop() {
@@ -327,25 +374,26 @@ impl Store {
             if !keep.insert(hex) {
                 continue;
             }
-            // Only manifests are read (never a layer blob).
-            let Ok(body) = std::fs::read(self.blob_path(&d)) else {
-                continue;
-            };
-            let Ok(doc) = serde_json::from_slice::<ManifestDoc>(&body) else {
-                continue;
-            };
+            // Only manifests are read (never a layer blob). One that is
+            // missing or unreadable means we cannot know what is needed.
+            let doc = std::fs::read(self.blob_path(&d))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ManifestDoc>(&b).ok())?;
             queue.extend(doc.manifests.iter().map(|m| m.digest.clone()));
             for d in doc.config.iter().chain(doc.layers.iter()) {
                 keep.insert(d.digest.trim_start_matches("sha256:").to_string());
             }
         }
-        keep
+        Some(keep)
     }
 
     /// Removes every blob and unpacked layer that no image in `in_use`
     /// needs. Call it while no pull runs. Returns (entries removed, bytes).
     pub fn gc(&self, in_use: &[String]) -> (usize, u64) {
-        let keep = self.marked(in_use);
+        let Some(keep) = self.marked(in_use) else {
+            tracing::warn!("an image in use has no stored manifest: garbage collection skipped");
+            return (0, 0);
+        };
         let mut removed = (0usize, 0u64);
         for dir in [self.root.join("blobs/sha256"), self.root.join("layers")] {
             let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -363,7 +411,10 @@ impl Store {
                 if keep.contains(&stem) && !temporary {
                     continue;
                 }
-                let _lock = DigestLock::take(&format!("sha256:{stem}"));
+                // Busy (a pull holds it): leave it for the next round.
+                let Some(_lock) = DigestLock::try_take(&format!("sha256:{stem}")) else {
+                    continue;
+                };
                 let bytes = du(&e.path());
                 let r = if e.path().is_dir() {
                     std::fs::remove_dir_all(e.path())
@@ -386,6 +437,7 @@ impl Store {
 
     /// Pulls `image` (by digest) and unpacks its layers.
     pub fn pull(&self, image: &ImageRef) -> Result<PulledImage, PullError> {
+        let _pulling = PullGuard::new();
         if !image.insecure {
             return Err(PullError::NoTls(image.registry.clone()));
         }
@@ -838,6 +890,9 @@ mod tests {
         assert!(store.layer_path(&layer_a).join("etc/f").exists());
         assert!(!store.blob_path(&m2).exists() && !store.blob_path(&layer_b).exists());
         assert!(!store.layer_path(&layer_b).exists());
+        // An image in use whose manifest is not stored: nothing is touched.
+        assert_eq!(store.gc(&[format!("sha256:{}", "e".repeat(64))]), (0, 0));
+        assert!(store.layer_path(&layer_a).exists());
         // Nothing in use: everything goes.
         store.gc(&[]);
         assert_eq!(

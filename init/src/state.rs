@@ -81,6 +81,32 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+/// Removable media and USB disks are never chosen without a rule: a stick
+/// left in a port must neither be formatted nor trusted for its records.
+fn auto_ok(d: &Disk) -> bool {
+    !d.removable && d.bus != "usb"
+}
+
+/// The disks, once `/sys/block` has stopped changing (NVMe, USB and SCSI
+/// disks may appear a moment after PID 1 starts); at most ~3 s.
+fn settled_disks() -> Vec<Disk> {
+    let names = |v: &[Disk]| {
+        v.iter()
+            .map(|d| (d.name.clone(), d.bytes))
+            .collect::<Vec<_>>()
+    };
+    let mut last = disks::discover(Path::new("/sys"), Path::new("/dev"));
+    for _ in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = disks::discover(Path::new("/sys"), Path::new("/dev"));
+        if names(&now) == names(&last) {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// Finds, prepares and mounts the state volume; never fails (RAM instead).
 pub fn bring_up() -> Volume {
     let mut v = Volume {
@@ -89,16 +115,16 @@ pub fn bring_up() -> Volume {
         formatted_ms: None,
         notes: Vec::new(),
     };
-    let found = disks::discover(Path::new("/sys"), Path::new("/dev"));
-    let mut chosen: Option<(Disk, gpt::Partition, bool)> = None;
+    let found = settled_disks();
+    let mut volumes: Vec<(Disk, gpt::Partition)> = Vec::new();
     for d in found {
         let content = match std::fs::File::open(&d.path)
             .and_then(|f| disks::inspect(&f, d.bytes, d.sector))
         {
             Ok(Content::Empty) => "empty".to_string(),
             Ok(Content::Cairn(p)) => {
-                if chosen.is_none() {
-                    chosen = Some((d.clone(), p, false));
+                if auto_ok(&d) {
+                    volumes.push((d.clone(), p));
                 }
                 "cairn state volume".to_string()
             }
@@ -107,6 +133,19 @@ pub fn bring_up() -> Volume {
         };
         v.disks.push((d, content));
     }
+    // Two cairn volumes: which one holds the truth is not ours to guess (a
+    // stale or forged one could lower the anti-rollback floor).
+    if volumes.len() > 1 {
+        let names: Vec<&str> = volumes.iter().map(|(d, _)| d.name.as_str()).collect();
+        v.notes.push(format!(
+            "several cairn volumes ({}): running from RAM; name one with [storage] state_disk_serial",
+            names.join(", ")
+        ));
+        tracing::error!(disks = ?names, "several cairn volumes; none used");
+        return v;
+    }
+    let mut chosen: Option<(Disk, gpt::Partition, bool)> =
+        volumes.pop().map(|(d, p)| (d, p, false));
     if chosen.is_none() {
         for (d, c) in &v.disks {
             if c != "empty" {
@@ -114,6 +153,14 @@ pub fn bring_up() -> Volume {
             }
             if d.read_only {
                 v.notes.push(format!("{}: empty but read-only", d.name));
+                continue;
+            }
+            if !auto_ok(d) {
+                v.notes.push(format!(
+                    "{}: empty but {} (never chosen automatically; name it by serial)",
+                    d.name,
+                    if d.removable { "removable" } else { "on USB" }
+                ));
                 continue;
             }
             if d.bytes < ext4::MIN_BYTES + (2 << 20) {
@@ -466,35 +513,37 @@ impl Records {
         }
     }
 
+    /// The applied version and its manifest, kept in one file so that a
+    /// crash can never leave one without the other.
+    fn last(&self) -> Option<(Applied, Vec<u8>)> {
+        let b = files::read_optional(&self.dir.join("last.json")).ok()??;
+        let v: Value = match serde_json::from_slice(&b) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "node/last.json unreadable; anti-rollback starts over");
+                return None;
+            }
+        };
+        let applied: Applied = serde_json::from_value(v["applied"].clone()).ok()?;
+        let manifest = hex::decode(v["manifest"].as_str()?).ok()?;
+        Some((applied, manifest))
+    }
+
     /// The highest applied version and its payload hash.
     pub fn applied(&self) -> Option<Applied> {
-        let b = files::read_optional(&self.dir.join("applied.json")).ok()??;
-        match serde_json::from_slice(&b) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::error!(error = %e, "applied.json unreadable; anti-rollback starts over");
-                None
-            }
-        }
+        self.last().map(|(a, _)| a)
     }
 
     /// The last manifest applied, as signed bytes.
     pub fn last_known_good(&self) -> Option<Vec<u8>> {
-        files::read_optional(&self.dir.join("manifest.bin")).ok()?
+        self.last().map(|(_, m)| m)
     }
 
-    /// Records a newly applied manifest (manifest first: a crash between
-    /// the two writes leaves an applied version whose manifest is newer,
-    /// never the reverse).
-    pub fn save_applied(&self, applied: &Applied, bytes: &[u8]) {
-        let _ = std::fs::create_dir_all(&self.dir);
-        let r = files::write_atomic(&self.dir.join("manifest.bin"), bytes).and_then(|()| {
-            let json = serde_json::to_vec(applied).map_err(std::io::Error::other)?;
-            files::write_atomic(&self.dir.join("applied.json"), &json)
-        });
-        if let Err(e) = r {
-            tracing::error!(error = %e, "could not record the applied manifest");
-        }
+    /// Records a newly applied manifest and its version (one atomic write).
+    pub fn save_applied(&self, applied: &Applied, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let v = json!({ "applied": applied, "manifest": hex::encode(bytes) });
+        files::write_atomic(&self.dir.join("last.json"), v.to_string().as_bytes())
     }
 
     /// The highest power request id carried out.
@@ -521,11 +570,22 @@ impl Records {
         }
     }
 
-    /// The node's key pair, created on first use.
+    /// The stored node key, if there is one.
+    pub fn stored_key(&self) -> Option<SigningKey> {
+        SigningKey::read(&self.dir.join("node.key")).ok()
+    }
+
+    /// The node's key pair, created on first use. A key file that exists
+    /// but cannot be read is left alone (the node runs with a key in RAM).
     pub fn node_key(&self) -> Option<SigningKey> {
         let path = self.dir.join("node.key");
-        if let Ok(k) = SigningKey::read(&path) {
-            return Some(k);
+        match SigningKey::read(&path) {
+            Ok(k) => return Some(k),
+            Err(e) if path.exists() => {
+                tracing::error!(error = %e, "node key unreadable; using a temporary one and keeping the file");
+                return SigningKey::generate().ok();
+            }
+            Err(_) => {}
         }
         let k = SigningKey::generate().ok()?;
         let _ = std::fs::create_dir_all(&self.dir);

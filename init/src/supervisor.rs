@@ -471,6 +471,8 @@ struct Supervisor<'a> {
     last_gc: Value,
     /// Why the manifest's storage rule is not in effect.
     storage_error: Option<String>,
+    /// Why the applied version could not be recorded.
+    records_error: Option<String>,
     /// The signed bytes of the manifest applied last (recorded again when
     /// a state volume appears).
     last_bytes: Option<Vec<u8>>,
@@ -522,6 +524,7 @@ impl<'a> Supervisor<'a> {
             space_checked: Instant::now(),
             last_gc: Value::Null,
             storage_error: None,
+            records_error: None,
             last_bytes: None,
         }
     }
@@ -622,6 +625,7 @@ impl<'a> Supervisor<'a> {
                     version = m.version,
                     "manifest rejected: {e}; previous configuration kept"
                 );
+                self.apply_last_known_good("the hub's manifest does not fit this node");
                 self.manifest_state = "rejected";
                 self.manifest_error = Some(("invalid".to_string(), e));
             }
@@ -632,7 +636,7 @@ impl<'a> Supervisor<'a> {
                 );
                 tracing::info!(version = m.version, "applying manifest");
                 clock_floor(m.issued_at, "manifest issue time");
-                self.boot.records.save_applied(&applied, bytes);
+                self.record_applied(&applied, bytes);
                 self.last_bytes = Some(bytes.to_vec());
                 self.boot.lkg = None;
                 self.boot.manifest_source = "hub";
@@ -713,6 +717,7 @@ impl<'a> Supervisor<'a> {
         };
         match cairn_manifest::verify_stored(&bytes, &self.boot.trust, &self.boot.node, &applied) {
             Ok(m) => {
+                self.last_bytes = Some(bytes);
                 tracing::warn!(
                     version = m.version,
                     stale = now_unix() > m.expires_at,
@@ -775,18 +780,56 @@ impl<'a> Supervisor<'a> {
     }
 
     /// The manifest's `[storage]` rule: a RAM-only node takes the named
-    /// disk; what this boot recorded in RAM moves there.
-    fn apply_storage(&mut self, m: &Manifest) {
+    /// disk. What the disk already records wins where it is stronger (a
+    /// higher applied version, an existing node key); what this boot
+    /// recorded in RAM moves there otherwise. Returns the disk's last known
+    /// good manifest when it is newer than `m` (that is what runs then).
+    fn apply_storage(&mut self, m: &Manifest) -> Option<Manifest> {
         match self.boot.volume.adopt(&m.storage) {
             Ok(true) => {
                 tracing::info!(device = ?self.boot.volume.device, "state volume from the manifest's rule mounted");
                 self.storage_error = None;
                 crate::logs::start_own_log();
-                if let Some(k) = &self.boot.node_key {
-                    self.boot.records.save_key(k);
+                match self.boot.records.stored_key() {
+                    Some(k) => self.boot.node_key = Some(k),
+                    None => {
+                        if let Some(k) = &self.boot.node_key {
+                            self.boot.records.save_key(k);
+                        }
+                    }
                 }
-                if let (Some(a), Some(b)) = (&self.boot.applied, &self.last_bytes) {
-                    self.boot.records.save_applied(a, b);
+                let ours = self.boot.applied.as_ref().map_or(0, |a| a.version);
+                match (
+                    self.boot.records.applied(),
+                    self.boot.records.last_known_good(),
+                ) {
+                    (Some(disk), Some(bytes)) if disk.version > ours => {
+                        tracing::warn!(disk = disk.version, running = ours, "the adopted volume records a newer applied version: it is the floor now");
+                        self.boot.applied = Some(disk.clone());
+                        match cairn_manifest::verify_stored(
+                            &bytes,
+                            &self.boot.trust,
+                            &self.boot.node,
+                            &disk,
+                        ) {
+                            Ok(newer) => {
+                                self.boot.manifest_source = "disk";
+                                return Some(newer);
+                            }
+                            Err(rej) => {
+                                self.storage_error = Some(format!(
+                                    "the adopted volume's manifest is not usable: {rej}"
+                                ));
+                            }
+                        }
+                    }
+                    _ => {
+                        if let (Some(a), Some(b)) =
+                            (self.boot.applied.clone(), self.last_bytes.clone())
+                        {
+                            self.record_applied(&a, &b);
+                        }
+                    }
                 }
             }
             Ok(false) => self.storage_error = None,
@@ -797,6 +840,20 @@ impl<'a> Supervisor<'a> {
                 self.storage_error = Some(e);
             }
         }
+        None
+    }
+
+    /// Records the applied version and manifest; a failure is reported
+    /// (after a reboot an older manifest could be accepted again).
+    fn record_applied(&mut self, applied: &Applied, bytes: &[u8]) {
+        self.records_error = match self.boot.records.save_applied(applied, bytes) {
+            Ok(()) => None,
+            Err(e) => {
+                let msg = format!("applied version {} not recorded ({e}): after a reboot an older manifest could be accepted again", applied.version);
+                tracing::error!("{msg}");
+                Some(msg)
+            }
+        };
     }
 
     /// A manifest's one-off reboot or power-off. Only with a state volume:
@@ -837,7 +894,7 @@ impl<'a> Supervisor<'a> {
 
     fn apply(&mut self, m: Manifest) {
         self.gc_due = true;
-        self.apply_storage(&m);
+        let m = self.apply_storage(&m).unwrap_or(m);
         self.apply_power(&m);
         self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
@@ -1249,7 +1306,9 @@ impl<'a> Supervisor<'a> {
             .slots
             .values()
             .any(|s| matches!(s.state, State::Preparing | State::Stopping { .. }));
-        if busy {
+        // Slots are not enough: a workload removed while preparing leaves
+        // its pull thread running.
+        if busy || crate::oci::pulls_in_flight() > 0 {
             return false;
         }
         self.gc_due = false;
@@ -1325,7 +1384,7 @@ impl<'a> Supervisor<'a> {
             "mac": net::fmt_mac(&self.boot.uplink.mac),
             "trusted_keys": self.boot.trust.ids().iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
             "errors": self.boot.cmdline_errors.iter().chain(self.boot.trust_errors.iter()).chain(self.nat_error.iter())
-                .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).chain(self.storage_error.iter()).collect::<Vec<_>>(),
+                .chain(self.boot.net_error.iter()).chain(self.network_errors.iter()).chain(self.storage_error.iter()).chain(self.records_error.iter()).collect::<Vec<_>>(),
             "storage": storage,
             "node_key": self.boot.node_key.as_ref().map(|k| json!({
                 "id": k.id().0,
