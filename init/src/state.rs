@@ -243,13 +243,18 @@ impl Volume {
             .map(|s| format!("serial {s}"))
             .or(path.map(|p| format!("path {p}")))
             .unwrap_or_else(|| format!("an empty disk of at least {} bytes", min.unwrap_or(0)));
+        let by_path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)));
         if let Some(dev) = &self.device {
-            let current = self
-                .disks
-                .iter()
-                .find(|(d, _)| dev.starts_with(&d.path.display().to_string()));
+            let dev_path = Path::new(dev);
+            let current = self.disks.iter().find(|(d, _)| {
+                partition_path(d, 1) == dev_path
+                    || d.partitions
+                        .iter()
+                        .any(|p| Path::new("/dev").join(p) == dev_path)
+            });
             let same = current.is_some_and(|(d, _)| {
                 serial.is_none_or(|s| d.serial.as_deref() == Some(s))
+                    && by_path.as_ref().is_none_or(|p| *p == d.path)
                     && min.is_none_or(|m| d.bytes >= m)
             });
             if same || (serial.is_none() && path.is_none()) {
@@ -258,7 +263,6 @@ impl Volume {
             return Err(format!("state volume already on {dev}; the manifest's {wanted} is used only by a node without one"));
         }
         let found = disks::discover(Path::new("/sys"), Path::new("/dev"));
-        let by_path = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)));
         let content = |d: &Disk| {
             std::fs::File::open(&d.path)
                 .and_then(|f| disks::inspect(&f, d.bytes, d.sector))
@@ -393,16 +397,65 @@ fn prepare(d: &Disk) -> Result<(gpt::Partition, u128), String> {
 /// kernel's view with BLKPG), then the mounted filesystem (online resize).
 fn grow(disk: &Disk, part: &gpt::Partition) -> Result<Option<u64>, String> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&disk.path)
         .map_err(|e| format!("open {}: {e}", disk.path.display()))?;
-    let Some(grown) = gpt::grow_last(&f, disk.bytes, disk.sector, gpt::STATE_LABEL, 64 << 20)
+    // 1. The partition, when the disk grew (GPT first, then the kernel's view).
+    if let Some(grown) = gpt::grow_last(&f, disk.bytes, disk.sector, gpt::STATE_LABEL, 64 << 20)
         .map_err(|e| e.to_string())?
-    else {
+    {
+        resize_partition(&f, disk, part, &grown)?;
+    }
+    // 2. The filesystem, whenever it is smaller than its partition: also
+    //    after a boot that grew the partition but lost power before this.
+    let dev = partition_path(disk, part.number);
+    let part_bytes = std::fs::read_to_string(format!(
+        "/sys/class/block/{}/size",
+        dev.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse::<u64>().ok())
+    .map(|sectors| sectors * 512)
+    .ok_or_else(|| format!("size of {} unknown", dev.display()))?;
+    let mut sb = [0u8; 8];
+    std::fs::File::open(&dev)
+        .and_then(|d| d.read_exact_at(&mut sb, 1024))
+        .map_err(|e| format!("reading the superblock of {}: {e}", dev.display()))?;
+    let fs_blocks = u64::from(u32::from_le_bytes([sb[4], sb[5], sb[6], sb[7]]));
+    let target = ext4::max_blocks(part_bytes);
+    if target <= fs_blocks + (64 << 20) / ext4::BLOCK {
         return Ok(None);
-    };
+    }
+    let root = std::fs::File::open(ROOT).map_err(|e| e.to_string())?;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    // SAFETY: the ioctl reads one u64 (the new block count) from the pointer.
+    if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &target) } != 0 {
+        return Err(format!(
+            "online resize from {fs_blocks} to {target} blocks: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tracing::info!(
+        from_blocks = fs_blocks,
+        to_blocks = target,
+        "state volume grown online"
+    );
+    Ok(Some(target * ext4::BLOCK))
+}
+
+/// Tells the kernel partition `grown.number` of `disk` changed size.
+fn resize_partition(
+    f: &std::fs::File,
+    disk: &Disk,
+    part: &gpt::Partition,
+    grown: &gpt::Partition,
+) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
     tracing::info!(disk = %disk.name, from = part.len, to = grown.len, "disk grew: growing the state volume");
     #[repr(C)]
     struct BlkpgPartition {
@@ -441,18 +494,7 @@ fn grow(disk: &Disk, part: &gpt::Partition) -> Result<Option<u64>, String> {
             std::io::Error::last_os_error()
         ));
     }
-    let root = std::fs::File::open(ROOT).map_err(|e| e.to_string())?;
-    let blocks: u64 = grown.len / ext4::BLOCK;
-    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
-    // SAFETY: the ioctl reads one u64 (the new block count) from the pointer.
-    if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &blocks) } != 0 {
-        return Err(format!(
-            "online resize to {blocks} blocks: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    tracing::info!(bytes = grown.len, "state volume grown online");
-    Ok(Some(grown.len))
+    Ok(())
 }
 
 fn reread_partitions(f: &std::fs::File) -> Result<(), String> {

@@ -62,6 +62,12 @@ pub struct Layout {
     pub journal_blocks: u64,
 }
 
+/// The most blocks a filesystem from this formatter may have in `bytes`:
+/// whole groups within the 2^32 - 1 blocks ext4 allows without `64bit`.
+pub fn max_blocks(bytes: u64) -> u64 {
+    (bytes / BLOCK).min(u64::from(u32::MAX) / BLOCKS_PER_GROUP * BLOCKS_PER_GROUP)
+}
+
 /// Groups 0, 1 and powers of 3, 5 and 7 carry superblock backups.
 pub fn has_super(g: u64) -> bool {
     fn power_of(mut n: u64, b: u64) -> bool {
@@ -79,10 +85,10 @@ impl Layout {
         if bytes < MIN_BYTES {
             return Err(Ext4Error::TooSmall(bytes));
         }
-        if bytes / BLOCK > u64::from(u32::MAX) {
-            return Err(Ext4Error::TooLarge(bytes));
-        }
-        let mut blocks = bytes / BLOCK;
+        // Larger devices get the largest filesystem this layout allows
+        // (16 TiB); the rest stays unused rather than the node running
+        // from RAM.
+        let mut blocks = max_blocks(bytes);
         let inodes_per_group = BLOCKS_PER_GROUP * BLOCK / BYTES_PER_INODE;
         let itable_blocks = inodes_per_group * INODE_SIZE / BLOCK;
         let groups_for = |b: u64| b.div_ceil(BLOCKS_PER_GROUP);

@@ -174,6 +174,9 @@ pub fn grow_last(
     dev.write_all_at(&header(last, 1, last - entry_lbas), last * sector)?;
     dev.write_all_at(&entries, entries_at * sector)?;
     dev.write_all_at(&header(1, last, entries_at), sector)?;
+    // The protective MBR covers the whole (grown) disk.
+    let size = u32::try_from(lbas - 1).unwrap_or(u32::MAX);
+    dev.write_all_at(&size.to_le_bytes(), 446 + 12)?;
     dev.sync_all()?;
     Ok(Some(Partition {
         len: (end + 1) * sector - p.start,
@@ -221,11 +224,19 @@ pub fn read(dev: &File, sector: u64) -> Result<Option<Vec<Partition>>, GptError>
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .take_while(|u| *u != 0)
             .collect();
+        let (Some(start), Some(len)) = (
+            first.checked_mul(sector),
+            last.checked_sub(first)
+                .and_then(|n| n.checked_add(1))
+                .and_then(|n| n.checked_mul(sector)),
+        ) else {
+            return Err(GptError::Damaged("partition entry out of range"));
+        };
         out.push(Partition {
             number: i as u32 + 1,
             name: String::from_utf16_lossy(&units),
-            start: first * sector,
-            len: (last.saturating_sub(first) + 1) * sector,
+            start,
+            len,
         });
     }
     Ok(Some(out))
@@ -275,6 +286,9 @@ mod tests {
         let mut backup = vec![0u8; 512];
         f.read_exact_at(&mut backup, big - 512).unwrap();
         assert_eq!(&backup[..8], b"EFI PART");
+        let mut mbr_size = [0u8; 4];
+        f.read_exact_at(&mut mbr_size, 446 + 12).unwrap();
+        assert_eq!(u64::from(u32::from_le_bytes(mbr_size)), big / 512 - 1);
         let blank = tempfile::tempfile().unwrap();
         blank.set_len(size).unwrap();
         assert_eq!(read(&blank, 512).unwrap(), None);

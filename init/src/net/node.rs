@@ -395,7 +395,8 @@ pub struct NodeConfig {
     /// DHCP clients by link name.
     dhcp: BTreeMap<String, Running>,
     /// NICs that run DHCP when the manifest says nothing about them.
-    default_dhcp: BTreeSet<String>,
+    /// (with the metric they had at boot).
+    default_dhcp: BTreeMap<String, u32>,
     book: SharedBook,
     /// Links we created and how.
     created: BTreeMap<String, WantLink>,
@@ -412,7 +413,7 @@ impl NodeConfig {
         NodeConfig {
             hostname: hostname.to_string(),
             dhcp: BTreeMap::new(),
-            default_dhcp: BTreeSet::new(),
+            default_dhcp: BTreeMap::new(),
             book,
             created: BTreeMap::new(),
             applied: BTreeMap::new(),
@@ -428,7 +429,7 @@ impl NodeConfig {
 
     /// Marks `name` as a NIC that runs DHCP by default and starts it.
     pub fn default_dhcp_on(&mut self, nl: &Netlink, name: &str, metric: u32) -> Result<(), String> {
-        self.default_dhcp.insert(name.to_string());
+        self.default_dhcp.insert(name.to_string(), metric);
         self.start_dhcp(nl, name, metric)
     }
 
@@ -437,11 +438,16 @@ impl NodeConfig {
         self.created.keys().cloned().collect()
     }
 
+    /// Ensures a DHCP client runs on `name` at `metric`; one running on an
+    /// older incarnation of the link (deleted and recreated) or at another
+    /// metric is restarted.
     fn start_dhcp(&mut self, nl: &Netlink, name: &str, metric: u32) -> Result<(), String> {
-        if self.dhcp.contains_key(name) {
-            return Ok(());
-        }
         let index = nl.index_of(name).map_err(|e| e.to_string())?;
+        match self.dhcp.get(name) {
+            Some(r) if r.index == index && r.metric == metric => return Ok(()),
+            Some(_) => self.stop_dhcp(name),
+            None => {}
+        }
         nl.set_up(index).map_err(|e| e.to_string())?;
         let mac = nl
             .link(index)
@@ -613,6 +619,16 @@ impl NodeConfig {
             }
             self.created.insert(name, want.clone());
         }
+        // Clients on links that are gone (a deleted bond took its VLANs).
+        let orphans: Vec<String> = self
+            .dhcp
+            .iter()
+            .filter(|(n, r)| nl.index_of(n).ok() != Some(r.index))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in orphans {
+            self.stop_dhcp(&n);
+        }
         // 4. Interface settings.
         for (name, want) in &plan.ifaces {
             let Ok(index) = nl.index_of(name) else {
@@ -693,14 +709,14 @@ impl NodeConfig {
             self.applied.insert(name.clone(), want.clone());
         }
         // 5. NICs the manifest no longer claims return to their default.
-        let defaults: Vec<String> = self
+        let defaults: Vec<(String, u32)> = self
             .default_dhcp
             .iter()
-            .filter(|n| !plan.ifaces.contains_key(*n) && !members_now.contains(*n))
-            .cloned()
+            .filter(|(n, _)| !plan.ifaces.contains_key(*n) && !members_now.contains(*n))
+            .map(|(n, m)| (n.clone(), *m))
             .collect();
-        for (k, n) in defaults.iter().enumerate() {
-            if let Err(e) = self.start_dhcp(nl, n, 100 + k as u32) {
+        for (n, metric) in defaults {
+            if let Err(e) = self.start_dhcp(nl, &n, metric) {
                 err(e);
             }
         }
@@ -717,7 +733,7 @@ impl NodeConfig {
         let Some(old) = self.applied.remove(name) else {
             return;
         };
-        if old.mode == "dhcp" && !self.default_dhcp.contains(name) {
+        if old.mode == "dhcp" && !self.default_dhcp.contains_key(name) {
             self.stop_dhcp(name);
         }
         self.book

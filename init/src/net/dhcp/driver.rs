@@ -120,6 +120,10 @@ pub struct Running {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The link's name.
     pub iface: String,
+    /// The link's index when the client started (a recreated link has a new one).
+    pub index: u32,
+    /// Route metric of its leases.
+    pub metric: u32,
 }
 
 impl Running {
@@ -154,6 +158,8 @@ impl Running {
             stop,
             thread: Some(thread),
             iface,
+            index,
+            metric,
         })
     }
 
