@@ -205,6 +205,12 @@ impl HubClient {
         self.put(&format!("/boot/{file}"), "application/octet-stream", bytes)
     }
 
+    /// `PUT /v1/ipxe/{key}`: the iPXE profile of a MAC or `default`.
+    pub fn put_ipxe(&self, key: &str, profile: &crate::ipxe::Profile) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(profile).expect("a profile always encodes");
+        self.put(&format!("/v1/ipxe/{key}"), "application/json", &body)
+    }
+
     /// `GET /boot/{file}`.
     pub fn get_boot(&self, file: &str) -> Result<Fetched, ClientError> {
         check_boot_file(file)?;

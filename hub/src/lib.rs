@@ -15,6 +15,7 @@
 pub mod authoring;
 pub mod client;
 pub mod fleet;
+pub mod ipxe;
 pub mod names;
 pub mod server;
 pub mod store;

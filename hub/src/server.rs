@@ -183,6 +183,12 @@ pub fn router(store: Arc<Store>, boot_limit: u64) -> Router {
             axum::routing::post(post_status).layer(DefaultBodyLimit::max(STATUS_LIMIT)),
         )
         .route("/boot/{file}", get(get_boot).put(put_boot))
+        .route("/ipxe", get(get_ipxe_chain))
+        .route("/ipxe/{mac}", get(get_ipxe_script))
+        .route(
+            "/v1/ipxe/{key}",
+            get(get_ipxe_profile).put(put_ipxe_profile),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState { store, boot_limit })
@@ -415,6 +421,97 @@ async fn get_node(
 
 fn hex_header(digest: &[u8]) -> HeaderValue {
     HeaderValue::from_str(&hex::encode(digest)).expect("hex is a valid header value")
+}
+
+/// `http://<Host header>`: the address the machine reached us at, so the
+/// scripts point back at the same place.
+fn hub_url(headers: &HeaderMap) -> Result<String, ApiError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b))
+        })
+        .ok_or_else(|| {
+            ApiError::bad_request("a Host header (host:port) is needed to build boot scripts")
+        })?;
+    Ok(format!("http://{host}"))
+}
+
+fn ipxe_text(text: String) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn ipxe_key(key: &str) -> Result<String, ApiError> {
+    if key == "default" {
+        return Ok(key.into());
+    }
+    crate::ipxe::normalize_mac(key).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{key:?} is not a MAC (aa:bb:cc:dd:ee:ff or aa-bb-…) or \"default\""
+        ))
+    })
+}
+
+async fn get_ipxe_chain(headers: HeaderMap) -> Result<Response, ApiError> {
+    Ok(ipxe_text(crate::ipxe::chain_script(&hub_url(&headers)?)))
+}
+
+/// The machine's own profile, else the default one, else the built-in
+/// default (no node id: the node uses its hardware-derived id).
+async fn get_ipxe_script(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let hub = hub_url(&headers)?;
+    let mac = ipxe_key(&mac)?;
+    let (which, profile) = match st.store.get_ipxe(&mac)? {
+        Some(p) => (mac.clone(), p),
+        None => (
+            "default".to_string(),
+            st.store.get_ipxe("default")?.unwrap_or_default(),
+        ),
+    };
+    tracing::info!(mac = %mac, profile = %which, node = ?profile.node, "iPXE script served");
+    Ok(ipxe_text(crate::ipxe::node_script(
+        &hub, &mac, &which, &profile,
+    )))
+}
+
+async fn get_ipxe_profile(
+    State(st): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<crate::ipxe::Profile>, ApiError> {
+    let key = ipxe_key(&key)?;
+    st.store
+        .get_ipxe(&key)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no iPXE profile {key:?}")))
+}
+
+async fn put_ipxe_profile(
+    State(st): State<AppState>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = ipxe_key(&key)?;
+    let p: crate::ipxe::Profile = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("iPXE profile: {e}")))?;
+    p.check()
+        .map_err(|e| ApiError::bad_request(format!("iPXE profile: {e}")))?;
+    st.store.put_ipxe(&key, &p)?;
+    tracing::info!(key = %key, node = ?p.node, "iPXE profile stored");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_boot(

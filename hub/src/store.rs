@@ -241,6 +241,25 @@ impl Store {
         Ok(self.root.join(BOOT).join(file))
     }
 
+    /// The iPXE profile for `key` (a normalized MAC or `default`).
+    pub fn get_ipxe(&self, key: &str) -> Result<Option<crate::ipxe::Profile>, StoreError> {
+        let path = self.root.join("ipxe").join(format!("{key}.json"));
+        match read_opt(&path)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+        }
+    }
+
+    /// Stores the iPXE profile for `key` (callers check key and profile).
+    pub fn put_ipxe(&self, key: &str, p: &crate::ipxe::Profile) -> Result<(), StoreError> {
+        let dir = self.root.join("ipxe");
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let bytes = serde_json::to_vec_pretty(p).expect("a profile always encodes");
+        write_atomic(&dir.join(format!("{key}.json")), &bytes)
+    }
+
     /// Stores a node's envelope bytes (callers check them first).
     pub fn put_manifest(&self, node: &str, bytes: &[u8]) -> Result<(), StoreError> {
         write_atomic(&self.manifest_path(node)?, bytes)

@@ -147,6 +147,8 @@ pub struct TestNet {
     pub nics: usize,
     /// A raw disk image attached as a virtio disk (`vda`), if any.
     pub disk: Option<PathBuf>,
+    /// Another MAC for the first NIC (a machine the hub does not know).
+    pub first_mac: Option<String>,
     procs: Vec<Proc>,
 }
 
@@ -164,6 +166,7 @@ impl TestNet {
             dir,
             nics: 2,
             disk: None,
+            first_mac: None,
             procs: Vec::new(),
         };
         run(Command::new("ip").args(["netns", "add", &ns]))?;
@@ -199,7 +202,21 @@ impl TestNet {
 
     /// Starts dnsmasq as the DHCP server of the test network.
     pub fn start_dhcp(&mut self) -> Result<()> {
+        self.start_dhcp_booting(None)
+    }
+
+    /// Restarts dnsmasq so that it hands out `url` as the boot file (what a
+    /// NIC's iPXE ROM fetches and runs).
+    pub fn pxe_boot_url(&mut self, url: &str) -> Result<()> {
+        self.stop("dnsmasq");
+        self.start_dhcp_booting(Some(url))
+    }
+
+    fn start_dhcp_booting(&mut self, boot_url: Option<&str>) -> Result<()> {
         let mut c = self.cmd("dnsmasq");
+        if let Some(u) = boot_url {
+            c.arg(format!("--dhcp-boot={u}"));
+        }
         c.args([
             "--no-daemon",
             "--conf-file=/dev/null",
@@ -290,6 +307,16 @@ impl TestNet {
 
     /// Boots QEMU on the tap; serial console to `serial.log`.
     pub fn boot(&mut self, kernel: &Path, initrd: &Path, append: &str) -> Result<()> {
+        self.start_qemu(Some((kernel, initrd, append)))
+    }
+
+    /// Boots QEMU from the network: the first NIC's iPXE ROM does DHCP and
+    /// runs what the boot file names (see [`TestNet::pxe_boot_url`]).
+    pub fn boot_pxe(&mut self) -> Result<()> {
+        self.start_qemu(None)
+    }
+
+    fn start_qemu(&mut self, direct: Option<(&Path, &Path, &str)>) -> Result<()> {
         let mut c = self.cmd("qemu-system-x86_64");
         c.args([
             "-accel",
@@ -306,18 +333,25 @@ impl TestNet {
         ])
         .arg("-serial")
         .arg(format!("file:{}", self.serial_path().display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append)
         // The human monitor on a socket, for link up/down (`set_link`).
         .arg("-monitor")
         .arg(format!(
             "unix:{},server,nowait",
             self.monitor_path().display()
         ));
+        match direct {
+            Some((kernel, initrd, append)) => {
+                c.arg("-kernel")
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(initrd)
+                    .arg("-append")
+                    .arg(append);
+            }
+            None => {
+                c.args(["-boot", "n"]);
+            }
+        }
         if let Some(d) = &self.disk {
             c.arg("-drive")
                 .arg(format!("file={},if=none,id=d0,format=raw", d.display()))
@@ -328,9 +362,18 @@ impl TestNet {
             c.arg("-netdev")
                 .arg(format!("tap,id=n{n},ifname=tap{n},script=no,downscript=no"))
                 .arg("-device")
-                .arg(format!("virtio-net-pci,netdev=n{n},mac={}", Self::mac(n)));
+                .arg(format!("virtio-net-pci,netdev=n{n},mac={}", self.mac_of(n)));
         }
         self.start("qemu", c)
+    }
+
+    /// The MAC QEMU gives NIC `n` in this test ([`TestNet::first_mac`]
+    /// replaces the first one).
+    pub fn mac_of(&self, n: usize) -> String {
+        match (&self.first_mac, n) {
+            (Some(m), 0) => m.clone(),
+            _ => Self::mac(n),
+        }
     }
 
     /// The MAC of the node's NIC number `n` (`eth{n}`).

@@ -78,6 +78,38 @@ enum Cmd {
         /// Node name.
         node: String,
     },
+    /// Upload a boot file (kernel, initramfs) for netbooting nodes.
+    BootPut {
+        /// Hub URL (default: $CAIRN_HUB, else http://127.0.0.1:7400).
+        #[arg(long)]
+        hub: Option<String>,
+        /// Name on the hub (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The file.
+        file: PathBuf,
+    },
+    /// Set the iPXE profile of a machine (by MAC) or the default one.
+    Ipxe {
+        /// Hub URL (default: $CAIRN_HUB, else http://127.0.0.1:7400).
+        #[arg(long)]
+        hub: Option<String>,
+        /// The machine's MAC; without it, the default profile.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Node id it boots as (default: its hardware-derived id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Extra kernel arguments.
+        #[arg(long, default_value = "console=ttyS0")]
+        cmdline: String,
+        /// Kernel boot file name.
+        #[arg(long, default_value = "bzImage")]
+        kernel: String,
+        /// Initramfs boot file name.
+        #[arg(long, default_value = "initramfs.cpio.zst")]
+        initrd: String,
+    },
     /// Decode a signed manifest; with --trust, verify it too.
     Inspect {
         /// Signed envelope (.bin).
@@ -105,6 +137,42 @@ fn hub(arg: Option<String>) -> HubClient {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Keygen { out, name } => keygen(&out, &name),
+        Cmd::BootPut { hub: h, name, file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = name.unwrap_or_else(|| {
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            hub(h).put_boot(&name, &bytes)?;
+            println!("boot file {name} uploaded ({} bytes)", bytes.len());
+            Ok(())
+        }
+        Cmd::Ipxe {
+            hub: h,
+            mac,
+            node,
+            cmdline,
+            kernel,
+            initrd,
+        } => {
+            let profile = cairn_hub::ipxe::Profile {
+                node,
+                kernel,
+                initrd,
+                cmdline,
+            };
+            profile.check().map_err(anyhow::Error::msg)?;
+            let key = match &mac {
+                Some(m) => cairn_hub::ipxe::normalize_mac(m)
+                    .with_context(|| format!("{m:?} is not a MAC"))?,
+                None => "default".to_string(),
+            };
+            hub(h).put_ipxe(&key, &profile)?;
+            println!("iPXE profile {key} set");
+            Ok(())
+        }
         Cmd::Sign {
             key,
             node,
