@@ -16,7 +16,8 @@ export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 
 
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
 	qemu-system-x86 qemu-utils dnsmasq-base docker-registry musl-tools cpio busybox-static \
-	xz-utils zstd iproute2 nftables chrony python3 curl ca-certificates e2fsprogs fdisk
+	xz-utils zstd iproute2 nftables chrony python3 curl ca-certificates e2fsprogs fdisk \
+	ipxe xorriso isolinux syslinux-common
 
 .PHONY: all deps kernel init tools image demo-image run test unit e2e lint bench clean
 

@@ -8,6 +8,7 @@
 
 pub mod epoch;
 pub mod initramfs;
+pub mod iso;
 pub mod oci;
 pub mod output;
 pub mod push;

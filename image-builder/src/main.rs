@@ -61,6 +61,18 @@ enum Command {
         #[arg(long, value_name = "N")]
         epoch: Option<u64>,
     },
+    /// Build the netboot ISO: iPXE that chains to the hub (≤ 4 MiB, BIOS, hybrid).
+    NetbootIso {
+        /// The hub's URL (http://host:port), built into the ISO.
+        #[arg(long)]
+        hub: String,
+        /// Output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Timestamps in the ISO [default: $SOURCE_DATE_EPOCH or 0].
+        #[arg(long, value_name = "N")]
+        epoch: Option<u64>,
+    },
     /// Push an OCI image layout to a registry (plain HTTP only, for now).
     Push {
         /// The OCI layout directory.
@@ -81,6 +93,19 @@ fn mib(bytes: u64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::NetbootIso { hub, out, epoch } => {
+            let inputs = cairn_image::iso::Inputs::debian().map_err(anyhow::Error::msg)?;
+            cairn_image::iso::build(&inputs, &hub, epoch::resolve(epoch)?, &out)
+                .map_err(anyhow::Error::msg)?;
+            let bytes = std::fs::read(&out)?;
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            println!(
+                "netboot ISO: {} {} bytes ({:.2} MiB; target <= 4 MiB), sha256 {sha}, chains to {hub}/ipxe",
+                out.display(),
+                bytes.len(),
+                mib(bytes.len() as u64)
+            );
+        }
         Command::Initramfs {
             init,
             keys,

@@ -152,6 +152,16 @@ pub struct TestNet {
     procs: Vec<Proc>,
 }
 
+/// How QEMU starts the node.
+enum BootFrom<'a> {
+    /// `-kernel`, `-initrd`, `-append`.
+    Direct(&'a Path, &'a Path, &'a str),
+    /// The first NIC's iPXE ROM.
+    Network,
+    /// An ISO as CD-ROM.
+    Cdrom(&'a Path),
+}
+
 /// Taps created on the test bridge (the most NICs a test boots with).
 const TAPS: usize = 4;
 
@@ -202,6 +212,12 @@ impl TestNet {
 
     /// Starts dnsmasq as the DHCP server of the test network.
     pub fn start_dhcp(&mut self) -> Result<()> {
+        self.start_dhcp_booting(None)
+    }
+
+    /// Restarts dnsmasq without a boot file.
+    pub fn start_dhcp_plain(&mut self) -> Result<()> {
+        self.stop("dnsmasq");
         self.start_dhcp_booting(None)
     }
 
@@ -307,16 +323,21 @@ impl TestNet {
 
     /// Boots QEMU on the tap; serial console to `serial.log`.
     pub fn boot(&mut self, kernel: &Path, initrd: &Path, append: &str) -> Result<()> {
-        self.start_qemu(Some((kernel, initrd, append)))
+        self.start_qemu(BootFrom::Direct(kernel, initrd, append))
     }
 
     /// Boots QEMU from the network: the first NIC's iPXE ROM does DHCP and
     /// runs what the boot file names (see [`TestNet::pxe_boot_url`]).
     pub fn boot_pxe(&mut self) -> Result<()> {
-        self.start_qemu(None)
+        self.start_qemu(BootFrom::Network)
     }
 
-    fn start_qemu(&mut self, direct: Option<(&Path, &Path, &str)>) -> Result<()> {
+    /// Boots QEMU from an ISO image as its CD-ROM (SeaBIOS).
+    pub fn boot_cdrom(&mut self, iso: &Path) -> Result<()> {
+        self.start_qemu(BootFrom::Cdrom(iso))
+    }
+
+    fn start_qemu(&mut self, from: BootFrom<'_>) -> Result<()> {
         let mut c = self.cmd("qemu-system-x86_64");
         c.args([
             "-accel",
@@ -339,8 +360,8 @@ impl TestNet {
             "unix:{},server,nowait",
             self.monitor_path().display()
         ));
-        match direct {
-            Some((kernel, initrd, append)) => {
+        match from {
+            BootFrom::Direct(kernel, initrd, append) => {
                 c.arg("-kernel")
                     .arg(kernel)
                     .arg("-initrd")
@@ -348,8 +369,11 @@ impl TestNet {
                     .arg("-append")
                     .arg(append);
             }
-            None => {
+            BootFrom::Network => {
                 c.args(["-boot", "n"]);
+            }
+            BootFrom::Cdrom(iso) => {
+                c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
             }
         }
         if let Some(d) = &self.disk {
