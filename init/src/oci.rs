@@ -518,9 +518,16 @@ impl Store {
     fn fetch_blob(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<Vec<u8>, PullError> {
         let _lock = DigestLock::take(&d.digest);
         let path = self.blob_path(&d.digest);
-        if !path.exists() {
-            self.download(reg, d, what)?;
+        if let Ok(body) = std::fs::read(&path) {
+            // Small blobs are checked again on every use: what the disk
+            // holds is not trusted more than what the registry sent.
+            if format!("sha256:{}", sha256_hex(&body)) == d.digest {
+                return Ok(body);
+            }
+            tracing::warn!(what, digest = %d.digest, "stored blob does not match its digest; fetching it again");
+            let _ = std::fs::remove_file(&path);
         }
+        self.download(reg, d, what)?;
         std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))
     }
 
@@ -578,7 +585,17 @@ impl Store {
                 d.size
             )));
         }
-        std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        // Durable before it gets its final name: after a power cut a blob
+        // is either complete or absent (a hard reset once left an empty
+        // image config under its digest).
+        let durable = file
+            .sync_all()
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::File::open(dir)?.sync_all());
+        if let Err(e) = durable {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(format!("storing {what} as {}", path.display()))(e));
+        }
         tracing::info!(what, digest = %d.digest, bytes = total, "blob fetched and verified");
         Ok(())
     }
@@ -657,8 +674,29 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
         return Ok(());
     }
     let _ = std::fs::remove_dir_all(dest); // a half-finished leftover
+                                           // Every unpacked file reaches the disk before the layer is marked done:
+                                           // a marker that survives a power cut must mean a complete layer.
+    sync_fs(&tmp).map_err(io_err(format!("syncing {}", tmp.display())))?;
     std::fs::rename(&tmp, dest).map_err(io_err(format!("renaming to {}", dest.display())))?;
-    std::fs::write(dest.join(".cairn-done"), b"").map_err(io_err("marking layer"))?;
+    cairn_storage::files::write_atomic(&dest.join(".cairn-done"), b"")
+        .and_then(|()| match dest.parent() {
+            Some(p) => std::fs::File::open(p)?.sync_all(),
+            None => Ok(()),
+        })
+        .map_err(io_err("marking layer"))?;
+    Ok(())
+}
+
+/// `syncfs(2)` on the filesystem holding `path`: one call flushes a whole
+/// unpacked layer instead of an fsync per file.
+fn sync_fs(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: syncfs takes any open fd on the filesystem; `dir` lives
+    // across the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

@@ -145,11 +145,36 @@ pub struct TestNet {
     pub dir: tempfile::TempDir,
     /// NICs the node gets (tap0.. on br0, MACs 52:54:00:77:00:10..); 2 by default.
     pub nics: usize,
-    /// A raw disk image attached as a virtio disk (`vda`), if any.
-    pub disk: Option<PathBuf>,
+    /// Raw disk images attached as virtio disks (`vda`, `vdb`, … in order).
+    pub disks: Vec<DiskSpec>,
+    /// Let a reset restart the machine instead of ending QEMU (for a hard
+    /// reset through the monitor); by default a reboot ends QEMU.
+    pub allow_reset: bool,
     /// Another MAC for the first NIC (a machine the hub does not know).
     pub first_mac: Option<String>,
     procs: Vec<Proc>,
+}
+
+/// A disk image for the node.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The serial the guest sees.
+    pub serial: String,
+    /// Attached read-only (the guest sees `/sys/block/*/ro` = 1).
+    pub read_only: bool,
+}
+
+impl DiskSpec {
+    /// A writable disk with this serial.
+    pub fn new(path: impl Into<PathBuf>, serial: &str) -> DiskSpec {
+        DiskSpec {
+            path: path.into(),
+            serial: serial.into(),
+            read_only: false,
+        }
+    }
 }
 
 /// How QEMU starts the node.
@@ -175,7 +200,8 @@ impl TestNet {
             host_ip: "10.77.0.1".into(),
             dir,
             nics: 2,
-            disk: None,
+            disks: Vec::new(),
+            allow_reset: false,
             first_mac: None,
             procs: Vec::new(),
         };
@@ -340,18 +366,13 @@ impl TestNet {
     fn start_qemu(&mut self, from: BootFrom<'_>) -> Result<()> {
         let mut c = self.cmd("qemu-system-x86_64");
         c.args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-            "-no-reboot",
-            "-display",
-            "none",
+            "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-display", "none",
         ])
+        .args(if self.allow_reset {
+            &[][..]
+        } else {
+            &["-no-reboot"][..]
+        })
         .arg("-serial")
         .arg(format!("file:{}", self.serial_path().display()))
         // The human monitor on a socket, for link up/down (`set_link`).
@@ -376,10 +397,15 @@ impl TestNet {
                 c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
             }
         }
-        if let Some(d) = &self.disk {
+        for (n, d) in self.disks.iter().enumerate() {
+            let ro = if d.read_only { ",readonly=on" } else { "" };
             c.arg("-drive")
-                .arg(format!("file={},if=none,id=d0,format=raw", d.display()))
-                .args(["-device", "virtio-blk-pci,drive=d0,serial=CAIRN-E2E-DISK"]);
+                .arg(format!(
+                    "file={},if=none,id=d{n},format=raw{ro}",
+                    d.path.display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d{n},serial={}", d.serial));
         }
         // Every NIC on the same network: DHCP runs on all of them.
         for n in 0..self.nics.min(TAPS) {

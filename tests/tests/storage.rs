@@ -5,7 +5,7 @@
 //! version and node key, and still refuses an older manifest.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{inputs_or_skip, run, workload, Scenario, NODE};
+use cairn_e2e::{inputs_or_skip, run, workload, DiskSpec, Scenario, NODE};
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -19,7 +19,7 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
     let mut sc = Scenario::setup(&inp)?;
     let disk = sc.net.dir.path().join("disk.img");
     std::fs::File::create(&disk)?.set_len(1 << 30)?;
-    sc.net.disk = Some(disk.clone());
+    sc.net.disks = vec![DiskSpec::new(&disk, "CAIRN-E2E-DISK")];
     let v1 = sc.sign("v1", &sc.manifest(1, ""))?;
     sc.publish(NODE, &v1)?;
     sc.boot()?;
@@ -294,6 +294,149 @@ fn state_volume_survives_a_power_cut() -> Result<()> {
     println!("manifest reboot: done once, the node stays up on the same manifest");
     power_button(&mut sc)?;
     check_volume(&disk)?;
+    Ok(())
+}
+
+/// Disks the node must not take, beside one it should: a disk below the
+/// minimum, a read-only one, one with an MBR partition table and one with
+/// data near its end (a RAID/LVM superblock lives there). The node formats
+/// only the empty disk, leaves the others byte for byte as they were, and
+/// says why for each. Then a hard reset (no shutdown at all: the journal
+/// recovers), and a boot with the state disk gone (RAM, said in the status).
+#[test]
+fn bad_disks_hard_reset_and_a_missing_state_disk() -> Result<()> {
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
+    };
+    let mut sc = Scenario::setup(&inp)?;
+    let dir = sc.net.dir.path().to_path_buf();
+    let make = |name: &str, bytes: u64| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::File::create(&p)?.set_len(bytes)?;
+        Ok(p)
+    };
+    let small = make("small.img", 32 << 20)?;
+    let ro = make("ro.img", 256 << 20)?;
+    let mbr = make("mbr.img", 256 << 20)?;
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo 'type=83' | sfdisk -q {}", mbr.display())))?;
+    let raid = make("raid.img", 256 << 20)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raid)?
+        .write_all_at(b"\xfc\x4e\x2b\xa9 md superblock", (256 << 20) - 64 * 1024)?;
+    let good = make("good.img", 1 << 30)?;
+    let sums = |paths: &[&std::path::Path]| -> Result<Vec<String>> {
+        paths
+            .iter()
+            .map(|p| run(Command::new("sha256sum").arg(p)))
+            .collect()
+    };
+    let untouched = [small.as_path(), ro.as_path(), mbr.as_path(), raid.as_path()];
+    let before = sums(&untouched)?;
+    sc.net.disks = vec![
+        DiskSpec::new(&small, "SMALL"),
+        DiskSpec {
+            read_only: true,
+            ..DiskSpec::new(&ro, "READONLY")
+        },
+        DiskSpec::new(&mbr, "FOREIGN-MBR"),
+        DiskSpec::new(&raid, "FOREIGN-END"),
+        DiskSpec::new(&good, "GOOD"),
+    ];
+    sc.net.allow_reset = true;
+    let v1 = sc.sign(
+        "v1",
+        &sc.manifest(1, "volume = [{ name = \"web-data\", path = \"/data\" }]"),
+    )?;
+    sc.publish(NODE, &v1)?;
+    sc.boot()?;
+    let mut st = Value::Null;
+    sc.net.wait_until(
+        "first boot: web answering",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    let storage = &st["storage"];
+    println!("storage: {storage}");
+    assert_eq!(
+        storage["device"], "/dev/vde1",
+        "only the empty disk: {storage}"
+    );
+    let content = |name: &str| -> String {
+        storage["disks"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == name))
+            .map(|d| d["content"].to_string())
+            .unwrap_or_default()
+    };
+    assert!(content("vdc").contains("MBR"), "{}", content("vdc"));
+    assert!(
+        content("vdd").contains("non-zero data"),
+        "{}",
+        content("vdd")
+    );
+    let notes = storage["notes"].to_string();
+    assert!(
+        notes.contains("vda") && notes.contains("below"),
+        "small disk named: {notes}"
+    );
+    assert!(notes.contains("vdb: empty but read-only"), "{notes}");
+    let boot_id = st["boot_id"].clone();
+    let node_ip = st["addresses"][0]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("address")?
+        .to_string();
+    let note = format!("http://{node_ip}:8080/note");
+    sc.net
+        .wait_until("web to store a note", Duration::from_secs(60), || {
+            Ok(sc.net.http_get(&format!("{note}?set=hard-reset"))?.0 == 200)
+        })?;
+
+    // A hard reset: the machine restarts at once, nothing is shut down.
+    println!("hard reset: {}", sc.net.monitor("system_reset")?.trim());
+    sc.net.wait_until(
+        "after the hard reset: a new boot, web answering",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(st["boot_id"] != boot_id
+                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    assert_eq!(st["storage"]["device"], "/dev/vde1");
+    assert!(
+        st["storage"]["formatted_this_boot_ms"].is_null(),
+        "not formatted again: {}",
+        st["storage"]
+    );
+    assert_eq!(st["manifest"]["applied_version"], 1);
+    let (code, body) = sc.net.http_get(&note)?;
+    assert_eq!((code, body.trim()), (200, "note=hard-reset"), "volume data");
+    sc.net.stop("qemu");
+
+    // The state disk is gone: RAM, said, workloads still run.
+    sc.net.disks.pop();
+    sc.boot()?;
+    sc.net.wait_until(
+        "without the state disk: RAM, web answering",
+        Duration::from_secs(180),
+        || {
+            st = sc.status()?;
+            Ok(st["storage"]["mode"] == "ram"
+                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+        },
+    )?;
+    let notes = st["storage"]["notes"].to_string();
+    println!("state disk missing: {notes}");
+    assert!(notes.contains("no usable disk"), "{notes}");
+    sc.net.stop("qemu");
+    assert_eq!(before, sums(&untouched)?, "disks not ours were written to");
     Ok(())
 }
 

@@ -555,4 +555,90 @@ mod tests {
         drop(rx);
         client.join().unwrap();
     }
+
+    /// The server disappears. Case A: it comes back at another address
+    /// before T2, so only a *broadcast* (rebinding) request can reach it
+    /// (the unicast renewal at T1 goes to the old server id, which no
+    /// longer exists): the client rebinds at T2 and keeps its address.
+    /// Case B: it never comes back: the address is removed when the
+    /// 2-minute lease (dnsmasq's shortest) expires. Both run at once in
+    /// their own namespaces so the suite pays for the expiry only once.
+    #[test]
+    fn server_gone_rebind_and_expiry_against_dnsmasq() {
+        if !can_run("DHCP host test", &["/usr/sbin/dnsmasq"]) {
+            return;
+        }
+        let timers = ["--dhcp-option=option:T1,3", "--dhcp-option=option:T2,6"];
+        let rebind = std::thread::spawn(move || {
+            let mut lab = Lab::new();
+            lab.start_dnsmasq("10.99.0.70,10.99.0.79", &timers);
+            let (client, rx) = lab.spawn_client(20);
+            let first = rx
+                .recv_timeout(Duration::from_secs(8))
+                .expect("first lease");
+            let bound = Instant::now();
+            assert_eq!(first.server, Ipv4Addr::new(10, 99, 0, 1));
+            // Gone, and back at .2 with the same lease database.
+            lab.srv.kill_all();
+            lab.srv.ip(&["addr", "del", "10.99.0.1/24", "dev", "dh-s"]);
+            lab.srv.ip(&["addr", "add", "10.99.0.2/24", "dev", "dh-s"]);
+            lab.start_dnsmasq("10.99.0.70,10.99.0.79", &timers);
+            let again = rx.recv_timeout(Duration::from_secs(12));
+            let log = std::fs::read_to_string(lab.dir.join("dnsmasq.log")).unwrap();
+            let again = again.unwrap_or_else(|_| panic!("no rebind after T2\n{log}"));
+            let after = bound.elapsed();
+            assert_eq!(again.address, first.address, "rebinding keeps the address");
+            assert_eq!(again.server, Ipv4Addr::new(10, 99, 0, 2), "{again:?}");
+            assert!(
+                after >= Duration::from_millis(5500),
+                "answered {after:?} after binding: before T2 (6 s), so not by rebinding\n{log}"
+            );
+            assert!(!log.contains("DHCPDISCOVER"), "no new DISCOVER: {log}");
+            let addrs = lab.show(&["-4", "addr", "show", "dh-c"]);
+            assert!(addrs.contains(&format!("{}/24", first.address)), "{addrs}");
+            drop(rx);
+            client.join().unwrap();
+        });
+        let expiry = std::thread::spawn(move || {
+            let mut lab = Lab::new();
+            lab.start_dnsmasq("10.99.0.80,10.99.0.89", &timers);
+            let (client, rx) = lab.spawn_client(124);
+            let first = rx
+                .recv_timeout(Duration::from_secs(8))
+                .expect("first lease");
+            let bound = Instant::now();
+            assert_eq!(first.lease_secs, 120);
+            lab.srv.kill_all();
+            let have = |lab: &Lab| {
+                lab.show(&["-4", "addr", "show", "dh-c"])
+                    .contains(&format!("{}/24", first.address))
+            };
+            // Held through T1 and T2 (the lease is still valid) ...
+            std::thread::sleep(Duration::from_secs(100));
+            assert!(have(&lab), "address dropped before the lease expired");
+            // ... and removed when it expires.
+            while have(&lab) && bound.elapsed() < Duration::from_secs(123) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let gone_after = bound.elapsed();
+            assert!(
+                !have(&lab),
+                "address kept {gone_after:?} after a 120 s lease"
+            );
+            assert!(
+                gone_after >= Duration::from_secs(119),
+                "removed early: {gone_after:?}"
+            );
+            assert!(rx.try_recv().is_err(), "no lease without a server");
+            drop(rx);
+            client.join().unwrap();
+        });
+        let (a, b) = (rebind.join(), expiry.join());
+        if let Err(e) = a {
+            std::panic::resume_unwind(e);
+        }
+        if let Err(e) = b {
+            std::panic::resume_unwind(e);
+        }
+    }
 }
