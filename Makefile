@@ -17,19 +17,23 @@ export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
 	qemu-system-x86 qemu-utils dnsmasq-base docker-registry musl-tools cpio busybox-static \
 	xz-utils zstd iproute2 nftables chrony python3 curl ca-certificates e2fsprogs fdisk \
-	ipxe xorriso isolinux syslinux-common
+	ipxe xorriso isolinux syslinux-common systemd-boot-efi ovmf mtools dosfstools
 
 .PHONY: all deps kernel init tools image demo-image run test unit e2e lint bench clean
 
 all: image demo-image
 
 deps:
+	@# Two passes: apt may remove an installed package to resolve a conflict
+	@# (a backported qemu-utils gave way to Debian's qemu-system-x86 once).
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	for pass in 1 2; do \
 	missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "deps: installing $$missing"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
-	else echo "deps: all Debian packages present"; fi
+	  echo "deps: installing" $$missing; \
+	  { [ $$pass = 2 ] || $$SUDO apt-get update -qq; } && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	else echo "deps: all Debian packages present"; break; fi; \
+	done
 	@rustup target list --installed | grep -qx $(MUSL) || rustup target add $(MUSL)
 
 kernel:

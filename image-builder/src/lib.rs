@@ -6,6 +6,7 @@
 //! (docs/image-builder.md lists the rules).
 #![warn(missing_docs)]
 
+pub mod boot;
 pub mod epoch;
 pub mod initramfs;
 pub mod iso;

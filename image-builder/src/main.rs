@@ -6,7 +6,7 @@ use anyhow::Context;
 use cairn_image::initramfs::{self, Compression, ExtraFile};
 use cairn_image::push::{BlobStatus, Target};
 use cairn_image::{epoch, oci, output, push};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -73,6 +73,30 @@ enum Command {
         #[arg(long, value_name = "N")]
         epoch: Option<u64>,
     },
+    /// Build the full ISO: kernel + initramfs (+ seed), BIOS (ISOLINUX) and
+    /// UEFI (systemd-boot), hybrid so `dd` to a USB stick boots too.
+    Iso {
+        #[command(flatten)]
+        media: Media,
+        /// Output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Build the cloud disk image: GPT, an EFI system partition with
+    /// systemd-boot, a blank state partition the node formats at first boot.
+    Disk {
+        #[command(flatten)]
+        media: Media,
+        /// Disk size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Raw output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Also write a qcow2 copy here.
+        #[arg(long, value_name = "FILE")]
+        qcow2: Option<PathBuf>,
+    },
     /// Push an OCI image layout to a registry (plain HTTP only, for now).
     Push {
         /// The OCI layout directory.
@@ -87,12 +111,99 @@ enum Command {
     },
 }
 
+/// What the full ISO and the disk image boot.
+#[derive(Args)]
+struct Media {
+    /// The kernel (bzImage).
+    #[arg(long, value_name = "FILE")]
+    kernel: PathBuf,
+    /// The initramfs (from `cairn-image initramfs`).
+    #[arg(long, value_name = "FILE")]
+    initramfs: PathBuf,
+    /// Kernel command line (hub, node id, console...).
+    #[arg(long, default_value = "console=ttyS0 panic=10")]
+    cmdline: String,
+    /// OS version, in the boot entry and as `cairn.os=` on the command line.
+    #[arg(long, default_value = "1")]
+    os_version: String,
+    /// A signed manifest the node runs with no hub (`cairnctl sign`).
+    #[arg(long, value_name = "FILE")]
+    seed_manifest: Option<PathBuf>,
+    /// An OCI layout whose blobs the node uses before any registry (repeatable).
+    #[arg(long, value_name = "DIR")]
+    seed_image: Vec<PathBuf>,
+    /// Every timestamp [default: $SOURCE_DATE_EPOCH or 0].
+    #[arg(long, value_name = "N")]
+    epoch: Option<u64>,
+}
+
+impl Media {
+    fn payload(&self) -> anyhow::Result<cairn_image::boot::Payload> {
+        let epoch = epoch::resolve(self.epoch)?;
+        let kernel = std::fs::read(&self.kernel)
+            .with_context(|| format!("reading {}", self.kernel.display()))?;
+        let mut initrd = std::fs::read(&self.initramfs)
+            .with_context(|| format!("reading {}", self.initramfs.display()))?;
+        if self.seed_manifest.is_some() || !self.seed_image.is_empty() {
+            let seed =
+                cairn_image::boot::seed(self.seed_manifest.as_deref(), &self.seed_image, epoch)
+                    .map_err(anyhow::Error::msg)?;
+            eprintln!("seed: {} bytes appended to the initramfs", seed.len());
+            initrd.extend_from_slice(&seed);
+        }
+        Ok(cairn_image::boot::Payload {
+            kernel,
+            initrd,
+            cmdline: self.cmdline.clone(),
+            version: self.os_version.clone(),
+            epoch,
+        })
+    }
+}
+
+/// Prints `what: FILE N bytes (M MiB), sha256 H`.
+fn report(what: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let len = std::io::copy(&mut f, &mut h)?;
+    println!(
+        "{what}: {} {len} bytes ({:.2} MiB), sha256 {}",
+        path.display(),
+        mib(len),
+        hex::encode(h.finalize())
+    );
+    Ok(())
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Iso { media, out } => {
+            let inputs = cairn_image::boot::Inputs::debian().map_err(anyhow::Error::msg)?;
+            let p = media.payload()?;
+            cairn_image::boot::iso(&inputs, &p, &out).map_err(anyhow::Error::msg)?;
+            report("full ISO", &out)?;
+        }
+        Command::Disk {
+            media,
+            size_mib,
+            out,
+            qcow2,
+        } => {
+            let inputs = cairn_image::boot::Inputs::debian().map_err(anyhow::Error::msg)?;
+            let p = media.payload()?;
+            cairn_image::boot::disk(&inputs, &p, size_mib << 20, &out)
+                .map_err(anyhow::Error::msg)?;
+            if let Some(q) = &qcow2 {
+                cairn_image::boot::qcow2(&out, q).map_err(anyhow::Error::msg)?;
+                report("cloud image (qcow2)", q)?;
+            }
+            report("cloud image (raw)", &out)?;
+        }
         Command::NetbootIso { hub, out, epoch } => {
             let inputs = cairn_image::iso::Inputs::debian().map_err(anyhow::Error::msg)?;
             cairn_image::iso::build(&inputs, &hub, epoch::resolve(epoch)?, &out)

@@ -196,7 +196,7 @@ impl Workload for Container {
     }
 
     fn prepare(&self) -> Result<String, String> {
-        let store = Store::new(STATE_ROOT);
+        let store = Store::new(STATE_ROOT).with_seed(crate::oci::SEED_BLOBS);
         let img = store.pull(&self.spec.image).map_err(|e| e.to_string())?;
         let msg = format!(
             "image {}@{} ready ({} layers, {} fetched)",

@@ -2,11 +2,13 @@
 //! binary) the helpers it runs as child processes.
 
 mod cmdline;
+mod configdrive;
 mod container;
 mod hub;
 mod logs;
 mod net;
 mod oci;
+mod osupdate;
 mod pid1;
 mod shim;
 mod state;

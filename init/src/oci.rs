@@ -233,7 +233,13 @@ fn check_digest(what: &str, expected: &str, got: &str) -> Result<(), PullError> 
 /// The content store.
 pub struct Store {
     root: PathBuf,
+    /// A read-only blob directory (`blobs/sha256/<hex>`) consulted before
+    /// the registry: images built into the boot image (`SEED_BLOBS`).
+    seed: Option<PathBuf>,
 }
+
+/// Where `cairn-image iso --seed-image` puts the blobs of its images.
+pub const SEED_BLOBS: &str = "/etc/cairn/seed";
 
 /// Digests being fetched or unpacked right now: two workloads sharing a
 /// layer must not write the same files at once.
@@ -308,7 +314,29 @@ fn unique_suffix() -> String {
 impl Store {
     /// A store rooted at `root` (created on demand).
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            seed: None,
+        }
+    }
+
+    /// The same store, taking blobs from `seed` (when it exists) before
+    /// asking a registry. Seed blobs are checked against their digests like
+    /// downloads are.
+    pub fn with_seed(mut self, seed: impl Into<PathBuf>) -> Store {
+        let seed = seed.into();
+        self.seed = seed.join("blobs/sha256").is_dir().then_some(seed);
+        self
+    }
+
+    /// The seed's copy of `digest`, opened, if it has one.
+    fn seed_blob(&self, digest: &str) -> Option<(std::fs::File, PathBuf)> {
+        let p = self
+            .seed
+            .as_ref()?
+            .join("blobs/sha256")
+            .join(digest.strip_prefix("sha256:")?);
+        std::fs::File::open(&p).ok().map(|f| (f, p))
     }
 
     fn blob_path(&self, digest: &str) -> PathBuf {
@@ -338,7 +366,14 @@ impl Store {
                 "cached manifest does not match its digest; fetching it again"
             );
         }
-        let body = reg.manifest_bytes(digest)?;
+        let seeded = self
+            .seed_blob(digest)
+            .and_then(|(_, p)| std::fs::read(p).ok())
+            .filter(|b| format!("sha256:{}", sha256_hex(b)) == digest);
+        let body = match seeded {
+            Some(b) => b,
+            None => reg.manifest_bytes(digest)?,
+        };
         let _lock = DigestLock::take(digest);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -500,8 +535,9 @@ impl Store {
             let _lock = DigestLock::take(&l.digest);
             if !dir.join(".cairn-done").exists() {
                 let blob = self.blob_path(&l.digest);
-                if !blob.exists() {
-                    self.download(&reg, l, &format!("layer {i}"))?;
+                if !blob.exists()
+                    && self.download(&reg, l, &format!("layer {i}"))? == BlobSource::Registry
+                {
                     fetched += 1;
                 }
                 unpack_layer(&blob, &l.media_type, &dir)?;
@@ -531,9 +567,15 @@ impl Store {
         std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))
     }
 
-    /// Streams a blob to disk while hashing it; only a verified blob gets its
+    /// Streams a blob to disk while hashing it (from the seed when it has
+    /// the blob, else from the registry); only a verified blob gets its
     /// final name.
-    fn download(&self, reg: &Registry, d: &Descriptor, what: &str) -> Result<(), PullError> {
+    fn download(
+        &self,
+        reg: &Registry,
+        d: &Descriptor,
+        what: &str,
+    ) -> Result<BlobSource, PullError> {
         if !cairn_manifest::is_sha256_digest(&d.digest) {
             return Err(PullError::BadImage(format!(
                 "{what} has unsupported digest {:?}",
@@ -544,10 +586,19 @@ impl Store {
         let dir = path.parent().expect("blob path has a parent");
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let tmp = path.with_extension(format!("partial-{}", unique_suffix()));
-        let mut resp = reg.get(&format!("blobs/{}", d.digest), "*/*", what)?;
+        let mut resp;
         // Never read more than the descriptor promised: a hostile or broken
         // registry must not fill the node's RAM.
-        let mut reader = resp.body_mut().with_config().limit(d.size).reader();
+        let (mut reader, from): (Box<dyn Read + '_>, BlobSource) = match self.seed_blob(&d.digest) {
+            Some((f, _)) => (Box::new(f.take(d.size)), BlobSource::Seed),
+            None => {
+                resp = reg.get(&format!("blobs/{}", d.digest), "*/*", what)?;
+                (
+                    Box::new(resp.body_mut().with_config().limit(d.size).reader()),
+                    BlobSource::Registry,
+                )
+            }
+        };
         let mut file =
             std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
         let mut hasher = Sha256::new();
@@ -596,9 +647,18 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             return Err(io_err(format!("storing {what} as {}", path.display()))(e));
         }
-        tracing::info!(what, digest = %d.digest, bytes = total, "blob fetched and verified");
-        Ok(())
+        tracing::info!(what, digest = %d.digest, bytes = total, ?from, "blob fetched and verified");
+        Ok(from)
     }
+}
+
+/// Where a blob came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlobSource {
+    /// The boot image's seed directory.
+    Seed,
+    /// The image's registry.
+    Registry,
 }
 
 fn parse_config(bytes: &[u8]) -> Result<ImageConfig, PullError> {
@@ -817,6 +877,69 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An image built into the boot image: pulled with no registry at all
+    /// (nothing listens on its address); a seed blob that does not match
+    /// its digest is not used.
+    #[test]
+    fn seeded_images_need_no_registry_and_are_checked() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, "hello", &b"hi\n"[..]).unwrap();
+        let layer = tar.into_inner().unwrap();
+        let config = br#"{"config":{"Cmd":["/hello"]}}"#.to_vec();
+        let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            d(&config), config.len(), d(&layer), layer.len()
+        )
+        .into_bytes();
+        let t = tempfile::tempdir().unwrap();
+        let seed = t.path().join("seed");
+        let blobs = seed.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for b in [&manifest, &config, &layer] {
+            std::fs::write(blobs.join(sha256_hex(b)), b).unwrap();
+        }
+        // A closed port: any registry request fails.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let image = ImageRef {
+            registry,
+            repository: "demo/seeded".into(),
+            digest: d(&manifest),
+            insecure: true,
+        };
+        let store = Store::new(t.path().join("store")).with_seed(&seed);
+        let pulled = store.pull(&image).unwrap();
+        assert_eq!(pulled.fetched_layers, 0);
+        assert_eq!(
+            std::fs::read(pulled.layers[0].join("hello")).unwrap(),
+            b"hi\n"
+        );
+        assert_eq!(pulled.config.cmd, vec!["/hello".to_string()]);
+        // A tampered seed layer is refused (the registry is still gone).
+        std::fs::write(blobs.join(sha256_hex(&layer)), b"not the layer").unwrap();
+        let other = Store::new(t.path().join("store2")).with_seed(&seed);
+        let e = other
+            .pull(&image)
+            .err()
+            .expect("a tampered seed must not be used")
+            .to_string();
+        assert!(e.contains("layer 0"), "{e}");
+        // A missing seed directory is no seed.
+        assert!(Store::new(t.path())
+            .with_seed(t.path().join("none"))
+            .seed
+            .is_none());
     }
 
     /// A full state volume: the pull fails naming the cause, and no partial

@@ -183,12 +183,31 @@ pub fn main() -> ! {
     // SAFETY: reboot(RB_DISABLE_CAD) only flips a kernel flag.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
 
-    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut drive_error = None;
+    // A cloud config drive's words come last, so they win (one image,
+    // many instances).
+    match crate::configdrive::read() {
+        Ok(Some((from, words))) => {
+            tracing::info!(from, words = ?words, "settings from the config drive");
+            text.push(' ');
+            text.push_str(&words.join(" "));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("{e}");
+            drive_error = Some(e);
+        }
+    }
     let (cfg, errors) = cmdline::parse(&text);
     for e in &errors {
         tracing::error!("{e}");
     }
-    let cmdline_errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let cmdline_errors: Vec<String> = errors
+        .iter()
+        .map(|e| e.to_string())
+        .chain(drive_error)
+        .collect();
 
     let (tx, rx) = std::sync::mpsc::channel::<Event>();
     let agent_tx = tx.clone();

@@ -63,7 +63,7 @@ fn fs_space(p: &Path) -> (u64, u64) {
     }
 }
 
-fn partition_path(d: &Disk, n: u32) -> PathBuf {
+pub fn partition_path(d: &Disk, n: u32) -> PathBuf {
     let sep = if d.name.ends_with(|c: char| c.is_ascii_digit()) {
         "p"
     } else {
@@ -193,6 +193,26 @@ pub fn bring_up() -> Volume {
     if !wait_for(&dev) {
         v.notes.push(format!("{} did not appear", dev.display()));
         return v;
+    }
+    // A disk image's state partition, left blank for this first boot.
+    if is_blank(&dev) {
+        let t = Instant::now();
+        match format_partition(&dev, part.len) {
+            Ok(()) => {
+                v.formatted_ms = Some(t.elapsed().as_millis());
+                v.notes.push(format!(
+                    "{}: the image's blank state partition, formatted",
+                    dev.display()
+                ));
+            }
+            Err(e) => {
+                v.notes.push(format!(
+                    "{}: formatting the blank state partition failed: {e}; running from RAM",
+                    dev.display()
+                ));
+                return v;
+            }
+        }
     }
     match mount_ext4(&dev, Path::new(ROOT)) {
         Ok(()) => {
@@ -374,10 +394,28 @@ fn prepare(d: &Disk) -> Result<(gpt::Partition, u128), String> {
             dev.display()
         ));
     }
+    format_partition(&dev, p.len)?;
+    let ms = t.elapsed().as_millis();
+    tracing::info!(disk = %d.name, bytes = p.len, ms, "state volume partitioned and formatted");
+    Ok((p, ms))
+}
+
+/// True when the partition at `dev` starts with [`gpt::BLANK_MARK`].
+fn is_blank(dev: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; gpt::BLANK_MARK.len()];
+    std::fs::File::open(dev)
+        .and_then(|f| f.read_exact_at(&mut head, 0))
+        .is_ok()
+        && head == gpt::BLANK_MARK
+}
+
+/// Formats the partition `dev` (`len` bytes) as the state volume.
+fn format_partition(dev: &Path, len: u64) -> Result<(), String> {
     let pf = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&dev)
+        .open(dev)
         .map_err(|e| format!("open {}: {e}", dev.display()))?;
     let params = ext4::Params {
         label: "cairn-state".into(),
@@ -387,10 +425,9 @@ fn prepare(d: &Disk) -> Result<(gpt::Partition, u128), String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as u32),
     };
-    let l = ext4::format(&pf, p.len, &params).map_err(|e| e.to_string())?;
-    let ms = t.elapsed().as_millis();
-    tracing::info!(disk = %d.name, bytes = p.len, groups = l.groups, ms, "state volume partitioned and formatted");
-    Ok((p, ms))
+    let l = ext4::format(&pf, len, &params).map_err(|e| e.to_string())?;
+    tracing::info!(device = %dev.display(), bytes = len, groups = l.groups, "formatted");
+    Ok(())
 }
 
 /// Follows a grown disk: the partition to the new end (GPT, then the
@@ -522,17 +559,33 @@ fn wait_for(p: &Path) -> bool {
 }
 
 fn mount_ext4(dev: &Path, target: &Path) -> std::io::Result<()> {
+    // The kernel replays the journal.
+    mount_dev(
+        dev,
+        target,
+        c"ext4",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME,
+    )
+}
+
+/// Mounts the block device `dev` (a `fstype` filesystem) on `target`.
+pub fn mount_dev(
+    dev: &Path,
+    target: &Path,
+    fstype: &std::ffi::CStr,
+    flags: libc::c_ulong,
+) -> std::io::Result<()> {
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)
     };
     let (src, dst) = (c(dev)?, c(target)?);
-    // SAFETY: NUL-terminated strings; the kernel replays the journal.
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             dst.as_ptr(),
-            c"ext4".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME,
+            fstype.as_ptr(),
+            flags,
             std::ptr::null(),
         )
     };
@@ -601,6 +654,20 @@ impl Records {
     pub fn save_power_done(&self, id: u64) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         files::write_atomic(&self.dir.join("power-done"), id.to_string().as_bytes())
+    }
+
+    /// The OS version this node last rebooted for (a netbooted node).
+    pub fn os_reboot_for(&self) -> Option<String> {
+        files::read_optional(&self.dir.join("os-reboot-for"))
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+    }
+
+    /// Records that the node reboots for OS `version` (before rebooting).
+    pub fn save_os_reboot_for(&self, version: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        files::write_atomic(&self.dir.join("os-reboot-for"), version.as_bytes())
     }
 
     /// Stores `k` as the node key (a RAM-only node that gains a volume).

@@ -35,6 +35,10 @@ pub enum Event {
     Shutdown,
     /// The hub poller's latest result.
     Fetched(Result<Vec<u8>, String>),
+    /// The signed manifest built into the boot image (`SEED_MANIFEST`),
+    /// offered once at boot: a node booted from a full ISO runs it with no
+    /// hub at all. It passes the same checks as the hub's.
+    Seed(Vec<u8>),
     /// A workload's preparation finished.
     Prepared {
         /// Workload.
@@ -54,6 +58,8 @@ pub enum Event {
 }
 
 const TRUST_DIR: &str = "/etc/cairn/keys";
+/// Where `cairn-image iso --seed-manifest` puts a signed manifest.
+pub const SEED_MANIFEST: &str = "/etc/cairn/seed/manifest";
 const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A fresh status report at least this often, changed or not.
@@ -201,6 +207,102 @@ struct Boot {
     /// Generations stay unique across loop restarts, so a late event from
     /// an old preparation thread never matches a new slot.
     next_gen: u64,
+    /// OS version, boot slots and updates.
+    os: OsBoot,
+}
+
+/// What this boot knows about its OS version and boot slots.
+struct OsBoot {
+    /// `cairn.os=` of this boot.
+    running: Option<String>,
+    /// The command line without per-version words (for new entries).
+    cmdline: String,
+    /// The `cairn-esp` partition (a disk-booted node).
+    esp: Option<std::path::PathBuf>,
+    /// This boot is a version's one try (its entry still counts boots).
+    trial: bool,
+    /// Versions whose try failed (entries with no tries left).
+    failed: Vec<String>,
+    /// The trial boot was marked good.
+    marked: Arc<std::sync::atomic::AtomicBool>,
+    /// What the update machinery is doing, and its last error.
+    state: Arc<std::sync::Mutex<(String, Option<String>)>>,
+}
+
+/// How long a trial boot may take to come up before it reboots (and the
+/// boot loader falls back to the previous version).
+const OS_TRIAL: Duration = Duration::from_secs(600);
+
+impl OsBoot {
+    fn discover() -> OsBoot {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let running = crate::osupdate::running_version(&cmdline);
+        let esp = crate::osupdate::find_esp();
+        let (mut trial, mut failed) = (false, Vec::new());
+        if let Some(dev) = &esp {
+            match crate::osupdate::Esp::mount(dev) {
+                Ok(m) => {
+                    for (_, e) in m.entries() {
+                        if Some(&e.version) == running.as_ref() {
+                            trial = e.left.is_some();
+                        } else if e.left == Some(0) {
+                            failed.push(e.version);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        tracing::info!(running = ?running, esp = ?esp, trial, failed = ?failed, "OS version");
+        let os = OsBoot {
+            running,
+            cmdline: crate::osupdate::base_cmdline(&cmdline),
+            esp,
+            trial,
+            failed,
+            marked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            state: Arc::new(std::sync::Mutex::new(("idle".into(), None))),
+        };
+        if trial {
+            let marked = os.marked.clone();
+            let _ = std::thread::Builder::new()
+                .name("os-trial".into())
+                .spawn(move || {
+                    std::thread::sleep(OS_TRIAL);
+                    if !marked.load(std::sync::atomic::Ordering::SeqCst) {
+                        tracing::error!(
+                            secs = OS_TRIAL.as_secs(),
+                            "this OS version did not come up in time: rebooting to the previous one"
+                        );
+                        // SAFETY: signalling ourselves; PID 1 reboots cleanly.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGINT) };
+                    }
+                });
+        }
+        os
+    }
+
+    fn set(&self, state: impl Into<String>, error: Option<String>) {
+        let state = state.into();
+        match &error {
+            Some(e) => tracing::error!(state, "OS update: {e}"),
+            None => tracing::info!(state, "OS update"),
+        }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (state, error);
+    }
+
+    fn status(&self) -> Value {
+        let (state, error) = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        json!({
+            "running": self.running,
+            "boot": if self.esp.is_some() { "disk" } else { "network or RAM" },
+            "trial": self.trial,
+            "marked_good": self.marked.load(std::sync::atomic::Ordering::SeqCst),
+            "failed": self.failed,
+            "state": state,
+            "error": error,
+        })
+    }
 }
 
 /// The agent thread's body; never returns.
@@ -281,13 +383,29 @@ pub fn run_forever(
             });
     }
     let (status_tx, status_rx) = std::sync::mpsc::channel::<Value>();
+    // Before the poller starts: a hub that answers at once with a newer
+    // version then replaces the seed, never the other way round.
+    let seeded = match std::fs::read(SEED_MANIFEST) {
+        Ok(bytes) => {
+            tracing::info!(
+                bytes = bytes.len(),
+                "a signed seed manifest is built into the boot image"
+            );
+            let _ = tx.send(Event::Seed(bytes));
+            true
+        }
+        Err(_) => false,
+    };
     match cfg.hub.clone() {
         Some(hub) => {
             spawn_poller(hub.clone(), node.clone(), cfg.poll, tx.clone());
             spawn_status_sender(hub, node.clone(), status_rx);
         }
+        None if seeded => {
+            tracing::info!("no cairn.hub= on the kernel command line: running the seed manifest only")
+        }
         None => tracing::error!(
-            "no cairn.hub= on the kernel command line: this node cannot get a manifest"
+            "no cairn.hub= on the kernel command line and no seed manifest: this node cannot get a manifest"
         ),
     }
     container::init_cgroups();
@@ -325,6 +443,7 @@ pub fn run_forever(
         lkg,
         manifest_source: "hub",
         next_gen: 1,
+        os: OsBoot::discover(),
     };
     loop {
         let r = catch_unwind(AssertUnwindSafe(|| {
@@ -549,6 +668,7 @@ impl<'a> Supervisor<'a> {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let ticked = self.tick();
+            self.check_os_good();
             if changed || ticked || last_push.elapsed() >= STATUS_EVERY {
                 self.push_status();
                 last_push = Instant::now();
@@ -579,8 +699,9 @@ impl<'a> Supervisor<'a> {
         match ev {
             Event::Fetched(Ok(bytes)) => {
                 let hub_was_down = self.hub_error.take().is_some();
-                self.consider_manifest(&bytes) || hub_was_down
+                self.consider_manifest(&bytes, "hub") || hub_was_down
             }
+            Event::Seed(bytes) => self.consider_manifest(&bytes, "seed"),
             Event::Fetched(Err(e)) => {
                 let changed = self.hub_error.as_deref() != Some(e.as_str());
                 self.hub_error = Some(e);
@@ -606,7 +727,8 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn consider_manifest(&mut self, bytes: &[u8]) -> bool {
+    /// Verifies and applies manifest bytes from `source` (`hub` or `seed`).
+    fn consider_manifest(&mut self, bytes: &[u8], source: &'static str) -> bool {
         let sha = hex::encode(Sha256::digest(bytes));
         if self.last_seen.as_deref() == Some(sha.as_str()) {
             return false;
@@ -639,7 +761,7 @@ impl<'a> Supervisor<'a> {
                 self.record_applied(&applied, bytes);
                 self.last_bytes = Some(bytes.to_vec());
                 self.boot.lkg = None;
-                self.boot.manifest_source = "hub";
+                self.boot.manifest_source = source;
                 self.boot.applied = Some(applied);
                 self.manifest_state = "applied";
                 self.manifest_error = None;
@@ -650,7 +772,7 @@ impl<'a> Supervisor<'a> {
             Ok((Decision::Unchanged, _)) if self.boot.manifest.is_none() => {
                 self.boot.lkg = Some(bytes.to_vec());
                 self.apply_last_known_good("the hub serves the applied version");
-                self.boot.manifest_source = "hub";
+                self.boot.manifest_source = source;
             }
             Ok((Decision::Unchanged, _)) => {
                 // The hub is back to serving what we run (e.g. after it served
@@ -659,9 +781,16 @@ impl<'a> Supervisor<'a> {
                 self.manifest_state = "applied";
                 self.manifest_error = None;
             }
+            // A state volume that has applied newer versions outranks the
+            // image's seed: not an error, the seed is just old.
+            Err(rej @ cairn_manifest::Rejection::Rollback { .. }) if source == "seed" => {
+                tracing::info!("seed manifest not used: {rej}");
+                self.apply_last_known_good("the seed manifest is older");
+            }
             Err(rej) => {
                 tracing::error!(
                     code = rej.code(),
+                    source,
                     "manifest rejected: {rej}; running workloads untouched"
                 );
                 let error = Some((rej.code().to_string(), rej.to_string()));
@@ -856,6 +985,119 @@ impl<'a> Supervisor<'a> {
         };
     }
 
+    /// The manifest's `[os]`: install another version into the inactive
+    /// boot slot and reboot into it (disk), or reboot once (netboot).
+    fn apply_os(&mut self, m: &Manifest) {
+        let Some(os) = m.os.clone() else {
+            return;
+        };
+        let b = &self.boot.os;
+        if b.running.as_deref() == Some(os.version.as_str()) {
+            b.set(format!("running {}", os.version), None);
+            return;
+        }
+        let busy = b.state.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
+        if busy.starts_with("installing") || busy.starts_with("rebooting") {
+            return;
+        }
+        let Some(dev) = b.esp.clone() else {
+            // Netbooted (or a full ISO): what boots is the boot server's choice.
+            if self.boot.volume.device.is_none() {
+                b.set("idle", Some(format!("version {} requested, but a node without a state volume cannot remember that it rebooted for it: not rebooting", os.version)));
+                return;
+            }
+            if self.boot.records.os_reboot_for().as_deref() == Some(os.version.as_str()) {
+                b.set("idle", Some(format!("rebooted for version {} but booted {:?} again: the boot server still serves the old version", os.version, b.running)));
+                return;
+            }
+            if let Err(e) = self.boot.records.save_os_reboot_for(&os.version) {
+                b.set(
+                    "idle",
+                    Some(format!(
+                        "not rebooting for version {}: recording it failed: {e}",
+                        os.version
+                    )),
+                );
+                return;
+            }
+            b.set(format!("rebooting for {}", os.version), None);
+            // SAFETY: signalling ourselves; PID 1 reboots cleanly.
+            unsafe { libc::kill(libc::getpid(), libc::SIGINT) };
+            return;
+        };
+        if b.failed.contains(&os.version) {
+            b.set(
+                "idle",
+                Some(format!(
+                    "version {} did not come up and the node fell back to {}; it is not tried again: publish another version",
+                    os.version,
+                    b.running.as_deref().unwrap_or("?")
+                )),
+            );
+            return;
+        }
+        let Some(running) = b.running.clone() else {
+            b.set(
+                "idle",
+                Some(
+                    "this boot entry names no cairn.os= version: an update would leave no fallback"
+                        .into(),
+                ),
+            );
+            return;
+        };
+        let cmdline = os.cmdline.clone().unwrap_or_else(|| b.cmdline.clone());
+        b.set(format!("installing {}", os.version), None);
+        let state = b.state.clone();
+        let _ = std::thread::Builder::new()
+            .name("os-install".into())
+            .spawn(move || {
+                let r = crate::osupdate::Esp::mount(&dev)
+                    .and_then(|esp| esp.install(&os, &cmdline, &running));
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                match r {
+                    Ok(()) => {
+                        tracing::warn!(version = %os.version, fallback = %running, "OS version installed for one try: rebooting");
+                        *st = (format!("rebooting into {}", os.version), None);
+                        // SAFETY: signalling ourselves; PID 1 reboots cleanly.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGINT) };
+                    }
+                    Err(e) => {
+                        tracing::error!(version = %os.version, "OS update failed: {e}");
+                        *st = ("idle".into(), Some(format!("installing {}: {e}", os.version)));
+                    }
+                }
+            });
+    }
+
+    /// A trial boot that came up (a manifest applied, every workload
+    /// running) keeps its boot entry for good.
+    fn check_os_good(&mut self) {
+        let os = &self.boot.os;
+        if !os.trial || os.marked.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let up = self.boot.manifest.is_some()
+            && self
+                .slots
+                .values()
+                .all(|s| matches!(s.state, State::Running { .. }));
+        if !up {
+            return;
+        }
+        let (Some(dev), Some(v)) = (os.esp.clone(), os.running.clone()) else {
+            return;
+        };
+        match crate::osupdate::Esp::mount(&dev).and_then(|esp| esp.mark_good(&v)) {
+            Ok(_) => {
+                os.marked.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(version = %v, "this OS version came up: its boot entry is kept");
+                os.set(format!("running {v}"), None);
+            }
+            Err(e) => os.set("idle", Some(e)),
+        }
+    }
+
     /// A manifest's one-off reboot or power-off. Only with a state volume:
     /// a RAM-only node could not remember it already obeyed, and would
     /// reboot forever.
@@ -896,6 +1138,7 @@ impl<'a> Supervisor<'a> {
         self.gc_due = true;
         let m = self.apply_storage(&m).unwrap_or(m);
         self.apply_power(&m);
+        self.apply_os(&m);
         self.apply_node_network(&m);
         self.ensure_net(&m.network.workload_subnet);
         if let Some(net) = self.boot.net.as_mut() {
@@ -1403,6 +1646,7 @@ impl<'a> Supervisor<'a> {
                 "stale": self.boot.manifest.as_ref().map(|m| now_unix() > m.expires_at),
             },
             "timeline": timeline::phases(),
+            "os": self.boot.os.status(),
             "workloads": workloads,
         })
     }

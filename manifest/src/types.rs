@@ -39,6 +39,26 @@ pub struct Manifest {
     /// A one-off power action (clean reboot or power-off).
     #[serde(default)]
     pub power: Option<PowerRequest>,
+    /// The OS the node should run: a node on another version installs it
+    /// (disk-booted: the inactive boot slot, with fallback) or reboots into
+    /// it (netbooted).
+    #[serde(default)]
+    pub os: Option<OsSpec>,
+}
+
+/// An OS version: kernel and initramfs by URL and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsSpec {
+    /// Version name, `[0-9A-Za-z._]` (it becomes a boot entry's file name).
+    pub version: String,
+    /// The kernel (bzImage).
+    pub kernel: Artifact,
+    /// The initramfs.
+    pub initramfs: Artifact,
+    /// Kernel command line; default: the running one.
+    #[serde(default)]
+    pub cmdline: Option<String>,
 }
 
 /// Reboot or power off once: the node acts when `id` is higher than the
@@ -479,6 +499,9 @@ pub enum SpecError {
     /// A `[storage]` rule that cannot be applied safely.
     #[error("storage: {0}")]
     BadStorage(String),
+    /// An `[os]` section that cannot be installed.
+    #[error("os: {0}")]
+    BadOs(String),
     /// A power request with an unknown action.
     #[error("power.action {0:?} is not reboot or poweroff")]
     BadPower(String),
@@ -638,6 +661,41 @@ impl Manifest {
         if let Some(p) = &self.power {
             if p.action != "reboot" && p.action != "poweroff" {
                 return Err(SpecError::BadPower(p.action.clone()));
+            }
+        }
+        if let Some(os) = &self.os {
+            let v = &os.version;
+            if v.is_empty()
+                || v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
+            {
+                return Err(SpecError::BadOs(format!(
+                    "version {v:?}: use 1-64 of [0-9A-Za-z._]"
+                )));
+            }
+            for (what, a) in [("kernel", &os.kernel), ("initramfs", &os.initramfs)] {
+                if !is_sha256_digest(&a.sha256) {
+                    return Err(SpecError::BadDigest {
+                        what: format!("os.{what}: {}", a.url),
+                        digest: a.sha256.clone(),
+                    });
+                }
+                // Plain HTTP: integrity comes from the signed digest.
+                if !a.url.starts_with("http://") {
+                    return Err(SpecError::BadOs(format!(
+                        "{what} url {:?} is not http:// (the node checks the signed sha256, it has no TLS client)",
+                        a.url
+                    )));
+                }
+            }
+            if let Some(c) = &os.cmdline {
+                if c.contains('\n') || c.len() > 2048 {
+                    return Err(SpecError::BadOs(
+                        "cmdline must be one line of at most 2048 bytes".into(),
+                    ));
+                }
             }
         }
         crate::netcheck::validate(&self.network)

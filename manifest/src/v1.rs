@@ -248,6 +248,7 @@ impl From<Manifest> for crate::Manifest {
                 })
                 .collect(),
             power: None,
+            os: None,
         }
     }
 }

@@ -11,6 +11,11 @@ use std::os::unix::fs::FileExt;
 
 /// The partition name cairn gives its state volume.
 pub const STATE_LABEL: &str = "cairn-state";
+/// The first bytes of a `cairn-state` partition that an image builder
+/// left for the node to format at first boot (a cloud disk image ships
+/// one). Only a partition starting with exactly these bytes is formatted
+/// in place: a damaged volume is never mistaken for a blank one.
+pub const BLANK_MARK: &[u8] = b"CAIRN-STATE-BLANK: formatted by the node at first boot\n";
 /// "Linux filesystem data" type GUID, in on-disk (mixed-endian) order.
 pub const LINUX_FS: [u8; 16] = [
     0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4,
