@@ -177,12 +177,7 @@ pub fn esp_files(inp: &Inputs, p: &Payload) -> Result<Vec<(String, Vec<u8>)>, St
 /// An OS version as it appears in file names: `[0-9A-Za-z._]`, no `+` or
 /// `-` (systemd-boot's boot counting parses those).
 pub fn check_version(v: &str) -> Result<(), String> {
-    if v.is_empty()
-        || v.len() > 64
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-    {
+    if !cairn_manifest::is_os_version(v) {
         return Err(format!(
             "OS version {v:?}: use 1-64 of [0-9A-Za-z._] (no '+' or '-')"
         ));
@@ -366,7 +361,7 @@ pub fn disk(inp: &Inputs, p: &Payload, size: u64, out: &Path) -> Result<(), Stri
     let esp = fat_image(&files, esp_bytes, "CAIRN_ESP", p.epoch)?;
     let state_start = MIB + esp_bytes;
     let min = state_start + cairn_storage::ext4::MIN_BYTES + 2 * MIB;
-    if size < min || size % MIB != 0 {
+    if size < min || !size.is_multiple_of(MIB) {
         return Err(format!(
             "disk size {size}: must be a whole number of MiB and at least {min} bytes"
         ));

@@ -199,16 +199,10 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                 _ => errors.push(err(key, value, "seconds between 1 and 3600")),
             },
             // The OS version of this boot entry (read by the OS updater).
-            "cairn.os" => {
-                if value.is_empty()
-                    || value.len() > 64
-                    || !value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-                {
-                    errors.push(err(key, value, "an OS version is 1-64 of [0-9A-Za-z._]"));
-                }
+            "cairn.os" if !cairn_manifest::is_os_version(value) => {
+                errors.push(err(key, value, "an OS version is 1-64 of [0-9A-Za-z._]"));
             }
+            "cairn.os" => {}
             "cairn.iface" => {
                 if !value.is_empty() && value.len() < 16 && !value.contains('/') {
                     cfg.iface = Some(value.to_string());

@@ -931,8 +931,7 @@ mod tests {
         let other = Store::new(t.path().join("store2")).with_seed(&seed);
         let e = other
             .pull(&image)
-            .err()
-            .expect("a tampered seed must not be used")
+            .expect_err("a tampered seed must not be used")
             .to_string();
         assert!(e.contains("layer 0"), "{e}");
         // A missing seed directory is no seed.

@@ -528,6 +528,15 @@ pub enum SpecError {
 /// Upper bound for manifest times: 2200-01-01T00:00:00Z.
 pub const MAX_UNIX_SECONDS: u64 = 7_258_118_400;
 
+/// An OS version name: 1-64 of `[0-9A-Za-z._]` (it becomes a boot
+/// entry's file name, where `+` and `-` belong to boot counting).
+pub fn is_os_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
+}
+
 /// Checks a digest string of the form `sha256:<64 lowercase hex>`.
 pub fn is_sha256_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {

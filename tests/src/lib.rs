@@ -152,6 +152,10 @@ pub struct TestNet {
     pub allow_reset: bool,
     /// Another MAC for the first NIC (a machine the hub does not know).
     pub first_mac: Option<String>,
+    /// Firmware: UEFI (OVMF) instead of SeaBIOS.
+    pub uefi: bool,
+    /// An ISO attached as CD-ROM beside the boot medium (a config drive).
+    pub cdrom: Option<PathBuf>,
     procs: Vec<Proc>,
 }
 
@@ -164,6 +168,8 @@ pub struct DiskSpec {
     pub serial: String,
     /// Attached read-only (the guest sees `/sys/block/*/ro` = 1).
     pub read_only: bool,
+    /// Image format for QEMU (`raw` or `qcow2`).
+    pub format: &'static str,
 }
 
 impl DiskSpec {
@@ -173,11 +179,17 @@ impl DiskSpec {
             path: path.into(),
             serial: serial.into(),
             read_only: false,
+            format: "raw",
         }
     }
 }
 
+/// OVMF as Debian's ovmf package installs it (one image: code and
+/// variables, which then live only as long as the QEMU process).
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
 /// How QEMU starts the node.
+#[derive(Clone, Copy)]
 enum BootFrom<'a> {
     /// `-kernel`, `-initrd`, `-append`.
     Direct(&'a Path, &'a Path, &'a str),
@@ -185,6 +197,10 @@ enum BootFrom<'a> {
     Network,
     /// An ISO as CD-ROM.
     Cdrom(&'a Path),
+    /// An image as a USB stick.
+    Usb(&'a Path),
+    /// The first disk of [`TestNet::disks`].
+    Disk,
 }
 
 /// Taps created on the test bridge (the most NICs a test boots with).
@@ -203,6 +219,8 @@ impl TestNet {
             disks: Vec::new(),
             allow_reset: false,
             first_mac: None,
+            uefi: false,
+            cdrom: None,
             procs: Vec::new(),
         };
         run(Command::new("ip").args(["netns", "add", &ns]))?;
@@ -358,9 +376,19 @@ impl TestNet {
         self.start_qemu(BootFrom::Network)
     }
 
-    /// Boots QEMU from an ISO image as its CD-ROM (SeaBIOS).
+    /// Boots QEMU from an ISO image as its CD-ROM (SeaBIOS unless `uefi`).
     pub fn boot_cdrom(&mut self, iso: &Path) -> Result<()> {
         self.start_qemu(BootFrom::Cdrom(iso))
+    }
+
+    /// Boots QEMU from an image written to a USB stick (on xHCI).
+    pub fn boot_usb(&mut self, image: &Path) -> Result<()> {
+        self.start_qemu(BootFrom::Usb(image))
+    }
+
+    /// Boots QEMU from its first disk.
+    pub fn boot_disk(&mut self) -> Result<()> {
+        self.start_qemu(BootFrom::Disk)
     }
 
     fn start_qemu(&mut self, from: BootFrom<'_>) -> Result<()> {
@@ -396,23 +424,57 @@ impl TestNet {
             BootFrom::Cdrom(iso) => {
                 c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
             }
+            BootFrom::Usb(image) => {
+                c.args(["-device", "qemu-xhci,id=xhci"])
+                    .arg("-drive")
+                    .arg(format!(
+                        "file={},if=none,id=usb0,format=raw,readonly=on",
+                        image.display()
+                    ))
+                    .args(["-device", "usb-storage,bus=xhci.0,drive=usb0,bootindex=0"]);
+            }
+            BootFrom::Disk => {}
+        }
+        if self.uefi {
+            c.arg("-bios").arg(OVMF);
+        }
+        if let Some(cd) = &self.cdrom {
+            c.arg("-cdrom").arg(cd);
         }
         for (n, d) in self.disks.iter().enumerate() {
             let ro = if d.read_only { ",readonly=on" } else { "" };
+            let boot = if n == 0 && matches!(from, BootFrom::Disk) {
+                ",bootindex=0"
+            } else {
+                ""
+            };
             c.arg("-drive")
                 .arg(format!(
-                    "file={},if=none,id=d{n},format=raw{ro}",
-                    d.path.display()
+                    "file={},if=none,id=d{n},format={}{ro}",
+                    d.path.display(),
+                    d.format
                 ))
                 .arg("-device")
-                .arg(format!("virtio-blk-pci,drive=d{n},serial={}", d.serial));
+                .arg(format!(
+                    "virtio-blk-pci,drive=d{n},serial={}{boot}",
+                    d.serial
+                ));
         }
         // Every NIC on the same network: DHCP runs on all of them.
         for n in 0..self.nics.min(TAPS) {
             c.arg("-netdev")
                 .arg(format!("tap,id=n{n},ifname=tap{n},script=no,downscript=no"))
                 .arg("-device")
-                .arg(format!("virtio-net-pci,netdev=n{n},mac={}", self.mac_of(n)));
+                .arg(format!(
+                    "virtio-net-pci,netdev=n{n},mac={}{}",
+                    self.mac_of(n),
+                    // Under UEFI a NIC's option ROM would try PXE first.
+                    if self.uefi && !matches!(from, BootFrom::Network) {
+                        ",romfile="
+                    } else {
+                        ""
+                    }
+                ));
         }
         self.start("qemu", c)
     }
