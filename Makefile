@@ -19,7 +19,7 @@ APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl
 	xz-utils zstd iproute2 nftables chrony python3 curl ca-certificates e2fsprogs fdisk \
 	ipxe xorriso isolinux syslinux-common systemd-boot-efi ovmf mtools dosfstools
 
-.PHONY: all deps kernel init tools image demo-image run test unit e2e lint bench clean
+.PHONY: all deps kernel init tools image demo-image media run test unit e2e lint bench clean
 
 all: image demo-image
 
@@ -57,6 +57,21 @@ image: kernel init tools $(OUT)/keys/demo.key
 
 demo-image: init tools
 	$(TOOLS)/cairn-image oci --binary $(HELLO_BIN) --name hello --port 80 --out $(OUT)/hello-oci
+
+# Every boot medium, reproducible (SOURCE_DATE_EPOCH), with out/SHA256SUMS
+# and out/SIZES. HUB_URL is built into the netboot ISO, the loader and the
+# full ISO's command line; the cloud image takes its hub from a config drive.
+HUB_URL ?= http://10.0.2.2:7400
+MEDIA_CMDLINE ?= console=ttyS0 console=tty0 panic=10
+media: image
+	$(TOOLS)/cairn-image netboot-iso --hub $(HUB_URL) --out $(OUT)/cairn-netboot.iso
+	$(TOOLS)/cairn-image iso --kernel $(OUT)/bzImage --initramfs $(OUT)/initramfs.cpio.zst \
+	  --cmdline "$(MEDIA_CMDLINE) cairn.mode=loader cairn.hub=$(HUB_URL)" --out $(OUT)/cairn-loader.iso
+	$(TOOLS)/cairn-image iso --kernel $(OUT)/bzImage --initramfs $(OUT)/initramfs.cpio.zst \
+	  --cmdline "$(MEDIA_CMDLINE) cairn.hub=$(HUB_URL)" --out $(OUT)/cairn.iso
+	$(TOOLS)/cairn-image disk --kernel $(OUT)/bzImage --initramfs $(OUT)/initramfs.cpio.zst \
+	  --cmdline "$(MEDIA_CMDLINE)" --out $(OUT)/cairn-cloud.raw --qcow2 $(OUT)/cairn-cloud.qcow2
+	scripts/media-report.sh $(OUT)
 
 run: image demo-image
 	scripts/run-demo.sh

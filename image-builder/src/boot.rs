@@ -268,7 +268,7 @@ pub fn fat_image(
 /// second OS version during an update when `slots` is 2; whole MiB.
 fn fat_size(files: &[(String, Vec<u8>)], slots: u64) -> u64 {
     let payload: u64 = files.iter().map(|(_, b)| b.len() as u64 + 4096).sum();
-    (payload * slots + 4 * MIB).div_ceil(MIB) * MIB
+    (payload * slots + MIB).div_ceil(MIB) * MIB
 }
 
 /// Sets every staged file's and directory's times to the epoch.
@@ -410,7 +410,13 @@ pub fn disk(inp: &Inputs, p: &Payload, size: u64, out: &Path) -> Result<(), Stri
             String::from_utf8_lossy(&o.stderr).trim()
         ));
     }
-    f.write_all_at(&esp, MIB).map_err(|e| e.to_string())?;
+    // Only the ESP's non-zero blocks: the raw image stays sparse.
+    for (i, chunk) in esp.chunks(64 * 1024).enumerate() {
+        if chunk.iter().any(|b| *b != 0) {
+            f.write_all_at(chunk, MIB + (i * 64 * 1024) as u64)
+                .map_err(|e| e.to_string())?;
+        }
+    }
     f.write_all_at(cairn_storage::gpt::BLANK_MARK, state_start)
         .map_err(|e| e.to_string())?;
     f.sync_all().map_err(|e| e.to_string())?;
@@ -445,6 +451,51 @@ mod tests {
         }
         assert_ne!(guid(b"a", 0), guid(b"a", 1));
         assert_eq!(guid(b"a", 0).len(), 36);
+    }
+
+    /// Identical inputs, identical bytes: the ISO, the raw disk and the
+    /// qcow2, each built twice a second apart.
+    #[test]
+    fn media_are_reproducible() {
+        let inp = match Inputs::debian() {
+            Ok(i) => i,
+            Err(e) => {
+                println!("SKIP: boot media reproducibility: {e}");
+                return;
+            }
+        };
+        if which("sfdisk", "fdisk").is_err() || which("qemu-img", "qemu-utils").is_err() {
+            println!("SKIP: boot media reproducibility: sfdisk or qemu-img missing (make deps)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let p = Payload {
+            kernel: vec![0x4b; 300_000],
+            initrd: vec![0x49; 100_000],
+            cmdline: "console=ttyS0".into(),
+            version: "1".into(),
+            epoch: 1_700_000_000,
+        };
+        let mut sums = Vec::new();
+        for n in 0..2 {
+            let iso_path = t.path().join(format!("{n}.iso"));
+            let raw = t.path().join(format!("{n}.raw"));
+            let q = t.path().join(format!("{n}.qcow2"));
+            iso(&inp, &p, &iso_path).unwrap();
+            disk(&inp, &p, 160 << 20, &raw).unwrap();
+            qcow2(&raw, &q).unwrap();
+            sums.push([&iso_path, &raw, &q].map(|f| crate::sha256_hex(&std::fs::read(f).unwrap())));
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        assert_eq!(sums[0], sums[1]);
+        // The raw image is sparse: the ESP's empty space is not written.
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(t.path().join("0.raw")).unwrap();
+        assert!(
+            m.blocks() * 512 < 16 << 20,
+            "{} bytes allocated",
+            m.blocks() * 512
+        );
     }
 
     #[test]

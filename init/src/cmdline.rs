@@ -109,6 +109,9 @@ pub struct Config {
     pub iface: Option<String>,
     /// Static configuration from `ip=` (None: DHCP).
     pub static_ip: Option<StaticIp>,
+    /// `cairn.mode=loader`: verify and kexec the hub's OS instead of running
+    /// workloads.
+    pub loader: bool,
 }
 
 impl Default for Config {
@@ -120,6 +123,7 @@ impl Default for Config {
             poll: Duration::from_secs(5),
             iface: None,
             static_ip: None,
+            loader: false,
         }
     }
 }
@@ -203,6 +207,11 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
                 errors.push(err(key, value, "an OS version is 1-64 of [0-9A-Za-z._]"));
             }
             "cairn.os" => {}
+            "cairn.mode" => match value {
+                "loader" => cfg.loader = true,
+                "node" => cfg.loader = false,
+                _ => errors.push(err(key, value, "node or loader")),
+            },
             "cairn.iface" => {
                 if !value.is_empty() && value.len() < 16 && !value.contains('/') {
                     cfg.iface = Some(value.to_string());

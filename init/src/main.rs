@@ -5,6 +5,7 @@ mod cmdline;
 mod configdrive;
 mod container;
 mod hub;
+mod loader;
 mod logs;
 mod net;
 mod oci;

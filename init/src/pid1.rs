@@ -213,7 +213,13 @@ pub fn main() -> ! {
     let agent_tx = tx.clone();
     std::thread::Builder::new()
         .name("agent".into())
-        .spawn(move || supervisor::run_forever(cfg, cmdline_errors, rx, agent_tx))
+        .spawn(move || {
+            if cfg.loader {
+                crate::loader::run_forever(cfg)
+            } else {
+                supervisor::run_forever(cfg, cmdline_errors, rx, agent_tx)
+            }
+        })
         .expect("spawning the agent thread");
 
     watch_power_button();

@@ -60,12 +60,12 @@ pub enum Event {
 const TRUST_DIR: &str = "/etc/cairn/keys";
 /// Where `cairn-image iso --seed-manifest` puts a signed manifest.
 pub const SEED_MANIFEST: &str = "/etc/cairn/seed/manifest";
-const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
+pub(crate) const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A fresh status report at least this often, changed or not.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -78,7 +78,7 @@ fn now_unix() -> u64 {
 /// SNTP may never step the clock below it.
 static FLOOR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn clock_floor(floor: u64, why: &str) {
+pub(crate) fn clock_floor(floor: u64, why: &str) {
     FLOOR.fetch_max(floor, std::sync::atomic::Ordering::SeqCst);
     if now_unix() < floor {
         let tv = libc::timeval {
@@ -98,7 +98,7 @@ fn clock_floor(floor: u64, why: &str) {
 
 /// Asks the NTP servers in turn; steps the clock when it is more than a
 /// second off (never below `floor`). Returns the status entry.
-fn sync_time(servers: &[Ipv4Addr]) -> Value {
+pub(crate) fn sync_time(servers: &[Ipv4Addr]) -> Value {
     let floor = FLOOR.load(std::sync::atomic::Ordering::SeqCst);
     if servers.is_empty() {
         return Value::Null;
@@ -139,7 +139,7 @@ fn sync_time(servers: &[Ipv4Addr]) -> Value {
     json!({ "error": errors.join("; ") })
 }
 
-fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
+pub(crate) fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
     let (all, errs) = TrustStore::load_dir(std::path::Path::new(TRUST_DIR));
     let mut errors: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
     let mut store = all.clone();
@@ -167,6 +167,16 @@ fn load_trust(cfg: &Config) -> (TrustStore, Vec<String>) {
     let ids: Vec<String> = store.ids().iter().map(|k| k.0.clone()).collect();
     tracing::info!(keys = ?ids, "trusted manifest keys");
     (store, errors)
+}
+
+/// `cairn.node=`, else `node-<first NIC's MAC>`.
+pub(crate) fn node_id(cfg: &Config, mac: &[u8]) -> String {
+    cfg.node.clone().unwrap_or_else(|| {
+        format!(
+            "node-{}",
+            mac.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    })
 }
 
 /// State that survives a restart of the reconcile loop.
@@ -342,16 +352,7 @@ pub fn run_forever(
     let uplink = net::bring_up_uplink(cfg.iface.as_deref(), &hostname, cfg.static_ip.as_ref());
     let addr = format!("{}/{}", uplink.address, uplink.prefix);
     timeline::mark("address", &format!("{} has {addr}", uplink.iface));
-    let node = cfg.node.clone().unwrap_or_else(|| {
-        format!(
-            "node-{}",
-            uplink
-                .mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    });
+    let node = node_id(&cfg, &uplink.mac);
     tracing::info!(node = %node, "node id");
     // The stored manifest's issue time is a floor for the clock, before
     // SNTP or the hub are asked (a dead RTC battery must not make the
