@@ -17,9 +17,9 @@ export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
 	qemu-system-x86 qemu-utils dnsmasq-base docker-registry musl-tools cpio busybox-static \
 	xz-utils zstd iproute2 nftables chrony python3 curl ca-certificates e2fsprogs fdisk \
-	ipxe xorriso isolinux syslinux-common systemd-boot-efi ovmf mtools dosfstools
+	ipxe xorriso isolinux syslinux-common systemd-boot-efi ovmf mtools dosfstools kmod
 
-.PHONY: all deps kernel init tools image demo-image media run test unit e2e lint bench clean
+.PHONY: all deps kernel debian-kernel init tools image demo-image media run test unit e2e lint bench clean
 
 all: image demo-image
 
@@ -40,6 +40,11 @@ kernel:
 	@mkdir -p $(OUT)
 	@k=$$(kernel-config/build.sh) && cp "$$k" $(OUT)/bzImage && cp "$$(dirname $$k)/config" $(OUT)/kernel.config
 	@echo "kernel: $(OUT)/bzImage ($$(stat -c %s $(OUT)/bzImage) bytes)"
+
+# Debian's modular kernel, unpacked and depmod'ed outside the clone (the
+# variant that proves the same PID 1 drives a distribution kernel).
+debian-kernel:
+	@kernel-config/debian-kernel.sh
 
 init:
 	cargo build --release --target $(MUSL) -p cairn-init -p cairn-demo-hello
@@ -80,15 +85,17 @@ unit:
 	cargo test --workspace --exclude cairn-e2e
 
 e2e: image demo-image
+	deb=$$(kernel-config/debian-kernel.sh) || deb=; \
 	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
-	  cargo test -p cairn-e2e -- --nocapture --test-threads=1
+	CAIRN_DEBIAN_KERNEL=$$deb cargo test -p cairn-e2e -- --nocapture --test-threads=1
 
 # The whole suite: unit + integration + end-to-end; ends with the skip count.
 test: image demo-image
 	@mkdir -p $(OUT)
 	@set -o pipefail; \
+	deb=$$(kernel-config/debian-kernel.sh) || deb=; \
 	CAIRN_KERNEL=$(OUT)/bzImage CAIRN_INIT=$(INIT_BIN) CAIRN_HELLO=$(HELLO_BIN) CAIRN_TOOLS=$(TOOLS) \
-	  cargo test --workspace -- --nocapture --test-threads=1 2>&1 | tee $(OUT)/test.log; \
+	CAIRN_DEBIAN_KERNEL=$$deb cargo test --workspace -- --nocapture --test-threads=1 2>&1 | tee $(OUT)/test.log; \
 	rc=$$?; scripts/test-summary.sh $(OUT)/test.log; exit $$rc
 
 # Boot timeline medians and image sizes (CAIRN_BENCH_RUNS, default 5), and

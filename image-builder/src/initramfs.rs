@@ -51,6 +51,9 @@ const S_IFCHR: u32 = 0o020000;
 /// Errors building an initramfs.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
+    /// A module name the kernel's modules.dep does not know.
+    #[error("module {0:?}: not in this kernel's modules.dep (and not built in)")]
+    UnknownModule(String),
     /// An input could not be read.
     #[error("reading {what} {path}")]
     Read {
@@ -176,6 +179,9 @@ pub struct Spec {
     pub compression: Compression,
     /// mtime of every entry and content of `etc/cairn/build-epoch`.
     pub epoch: u64,
+    /// A modular kernel's `lib/modules/RELEASE` (depmod'ed) and the module
+    /// names to carry from it (with their dependencies).
+    pub modules: Option<(PathBuf, Vec<String>)>,
 }
 
 /// What one archive entry is.
@@ -423,6 +429,9 @@ pub fn collect(spec: &Spec) -> Result<(Tree, Vec<KeyId>), InitramfsError> {
         let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
         tree.create_parents(&dest)?;
         tree.insert(&dest, Node::File(data), perm)?;
+    }
+    if let Some((root, names)) = &spec.modules {
+        crate::modules::add(&mut tree, root, names)?;
     }
     Ok((tree, keys.into_keys().collect()))
 }

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod epoch;
 pub mod initramfs;
 pub mod iso;
+pub mod modules;
 pub mod oci;
 pub mod output;
 pub mod push;

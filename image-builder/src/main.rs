@@ -42,6 +42,12 @@ enum Command {
         /// mtime of every entry and the clock floor [default: $SOURCE_DATE_EPOCH or 0].
         #[arg(long, value_name = "N")]
         epoch: Option<u64>,
+        /// A modular kernel's depmod'ed lib/modules/RELEASE directory.
+        #[arg(long, value_name = "DIR", requires = "module_list")]
+        modules: Option<PathBuf>,
+        /// Modules to carry from --modules (one name per line; deps follow).
+        #[arg(long, value_name = "FILE", requires = "modules")]
+        module_list: Option<PathBuf>,
     },
     /// Build an OCI image layout for one static binary.
     Oci {
@@ -224,8 +230,15 @@ fn main() -> anyhow::Result<()> {
             files,
             compression,
             epoch,
+            modules,
+            module_list,
         } => {
+            let modules = match (modules, module_list) {
+                (Some(dir), Some(list)) => Some((dir, cairn_image::modules::read_list(&list)?)),
+                _ => None,
+            };
             let spec = initramfs::Spec {
+                modules,
                 init,
                 keys_dir: keys,
                 extra_files: files,

@@ -7,6 +7,7 @@ mod container;
 mod hub;
 mod loader;
 mod logs;
+mod modules;
 mod net;
 mod oci;
 mod osupdate;
@@ -25,6 +26,8 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("container-shim") if args.len() == 3 => shim::main(&args[2]),
         Some("dhcp-once") if args.len() == 3 => net::dhcp::driver::once_main(&args[2]),
+        // The kernel's request_module, once PID 1 made us its modprobe.
+        Some("-q") if std::process::id() != 1 => modules::modprobe_main(&args[1..]),
         Some("--version") => println!("cairn-init {}", env!("CARGO_PKG_VERSION")),
         _ if std::process::id() == 1 => pid1::main(),
         _ => {

@@ -846,6 +846,16 @@ fn du(p: &Path) -> u64 {
 mod tests {
     use super::*;
 
+    /// An OCI image manifest for one config and one uncompressed layer.
+    fn one_layer_manifest(config: &[u8], layer: &[u8]) -> Vec<u8> {
+        let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            d(config), config.len(), d(layer), layer.len()
+        )
+        .into_bytes()
+    }
+
     /// A tiny registry: serves `blobs` (digest → bytes) under any repository.
     fn serve(blobs: Vec<(String, Vec<u8>)>) -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -896,11 +906,7 @@ mod tests {
         let layer = tar.into_inner().unwrap();
         let config = br#"{"config":{"Cmd":["/hello"]}}"#.to_vec();
         let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
-            d(&config), config.len(), d(&layer), layer.len()
-        )
-        .into_bytes();
+        let manifest = one_layer_manifest(&config, &layer);
         let t = tempfile::tempdir().unwrap();
         let seed = t.path().join("seed");
         let blobs = seed.join("blobs/sha256");
@@ -953,11 +959,7 @@ mod tests {
         let layer = vec![7u8; 2 << 20];
         let config = br#"{"config":{"Cmd":["/hello"]}}"#.to_vec();
         let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
-            d(&config), config.len(), d(&layer), layer.len()
-        )
-        .into_bytes();
+        let manifest = one_layer_manifest(&config, &layer);
         let image = ImageRef {
             registry: serve(vec![
                 (d(&manifest), manifest.clone()),

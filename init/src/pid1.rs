@@ -172,6 +172,8 @@ pub fn main() -> ! {
         tracing::error!(target, error = %e, "early mount failed");
     }
     timeline::mark("pid1", "cairn-init running as PID 1");
+    // A modular kernel: drivers first, before disks and NICs are looked at.
+    crate::modules::setup();
 
     // Block the signals we handle before any thread exists, so every thread
     // inherits the mask and only this loop sees them. std's Command resets

@@ -1648,6 +1648,10 @@ impl<'a> Supervisor<'a> {
             },
             "timeline": timeline::phases(),
             "os": self.boot.os.status(),
+            "kernel": {
+                "release": crate::modules::release(),
+                "modules_loaded": crate::modules::loaded_count(),
+            },
             "workloads": workloads,
         })
     }

@@ -794,6 +794,20 @@ restart = "always"
     }
 }
 
+/// True when the status shows workload `name` answering on its port.
+pub fn answering(st: &serde_json::Value, name: &str) -> bool {
+    workload(st, name).is_some_and(|w| w["answering"] == true)
+}
+
+/// `sha256:<hex>` of a file.
+pub fn sha256_file(p: &Path) -> Result<String> {
+    use sha2::Digest;
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(std::fs::read(p)?))
+    ))
+}
+
 /// A workload's entry in a status report.
 pub fn workload<'a>(st: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     st["workloads"]

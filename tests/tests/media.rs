@@ -11,9 +11,8 @@
 //!   broken version panics and systemd-boot's boot counting falls back.
 
 use anyhow::Result;
-use cairn_e2e::{inputs_or_skip, run, workload, DiskSpec, Scenario, NODE, OVMF};
+use cairn_e2e::{answering, inputs_or_skip, run, sha256_file, DiskSpec, Scenario, NODE, OVMF};
 use serde_json::Value;
-use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,13 +38,6 @@ fn media_tools_or_skip() -> bool {
         }
     }
     true
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    Ok(format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(std::fs::read(p)?))
-    ))
 }
 
 /// Builds with `cairn-image`, printing its report.
@@ -153,7 +145,7 @@ fn full_iso_bios_cd_and_uefi_usb_with_no_hub_or_registry() -> Result<()> {
         Duration::from_secs(120),
         || {
             st = sc.status()?;
-            Ok(workload(&st, "web").is_some_and(|w| w["answering"] == true))
+            Ok(answering(&st, "web"))
         },
     )?;
     assert_eq!(st["manifest"]["source"], "seed", "{}", st["manifest"]);
@@ -257,7 +249,7 @@ fn cloud_image_under_uefi_config_drive_and_os_updates() -> Result<()> {
         Duration::from_secs(300),
         || {
             st = sc.status()?;
-            Ok(workload(&st, "web").is_some_and(|w| w["answering"] == true))
+            Ok(answering(&st, "web"))
         },
     )?;
     println!(
@@ -297,7 +289,7 @@ fn cloud_image_under_uefi_config_drive_and_os_updates() -> Result<()> {
             Ok(st["boot_id"] != boot1
                 && st["os"]["running"] == "2"
                 && st["os"]["marked_good"] == true
-                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+                && answering(&st, "web"))
         },
     )?;
     println!(
@@ -358,7 +350,7 @@ fn cloud_image_under_uefi_config_drive_and_os_updates() -> Result<()> {
     sc.net.wait_until(
         "web to answer again on version 2",
         Duration::from_secs(120),
-        || Ok(workload(&sc.status()?, "web").is_some_and(|w| w["answering"] == true)),
+        || Ok(answering(&sc.status()?, "web")),
     )?;
     Ok(())
 }

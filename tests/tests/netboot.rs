@@ -7,7 +7,7 @@
 //! under its hardware-derived id and runs nothing addressed to another node.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{inputs_or_skip, run, workload, Scenario, NODE};
+use cairn_e2e::{answering, inputs_or_skip, run, sha256_file, Scenario, NODE};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ fn netboot_through_ipxe_from_the_hub() -> Result<()> {
     sc.net.wait_until(
         "the netbooted node's web to answer",
         Duration::from_secs(300),
-        || Ok(workload(&sc.status()?, "web").is_some_and(|w| w["answering"] == true)),
+        || Ok(answering(&sc.status()?, "web")),
     )?;
     println!("netboot: QEMU start -> web answering in {:.1} s (iPXE DHCP + HTTP fetch of kernel and initramfs, TCG)", t0.elapsed().as_secs_f64());
     let hub_log = std::fs::read_to_string(sc.net.dir.path().join("hub.log"))?;
@@ -146,8 +146,7 @@ fn netboot_through_ipxe_from_the_hub() -> Result<()> {
         Duration::from_secs(300),
         || {
             let st = sc.status()?;
-            Ok(st["boot_id"] != before
-                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+            Ok(st["boot_id"] != before && answering(&st, "web"))
         },
     )?;
     println!(
@@ -200,19 +199,12 @@ fn verified_loader_refuses_a_tampered_initramfs_and_kexecs_the_signed_one() -> R
             .args(["boot-put", "--hub", &sc.hub, "--name", name])
             .arg(&file))?;
     }
-    let digest = |p: &std::path::Path| -> Result<String> {
-        let out = run(std::process::Command::new("sha256sum").arg(p))?;
-        Ok(format!(
-            "sha256:{}",
-            out.split_whitespace().next().context("sha256sum")?
-        ))
-    };
     let os = |initrd: &str| -> Result<String> {
         Ok(format!(
             "\n[os]\nversion = \"7\"\nkernel = {{ url = \"{h}/boot/bzImage\", sha256 = \"{k}\" }}\ninitramfs = {{ url = \"{h}/boot/{initrd}\", sha256 = \"{i}\" }}\n",
             h = sc.hub,
-            k = digest(&sc.kernel)?,
-            i = digest(&sc.initrd)?,
+            k = sha256_file(&sc.kernel)?,
+            i = sha256_file(&sc.initrd)?,
         ))
     };
     // The hub serves a tampered initramfs under the signed digest.
@@ -267,8 +259,7 @@ fn verified_loader_refuses_a_tampered_initramfs_and_kexecs_the_signed_one() -> R
         Duration::from_secs(300),
         || {
             st = sc.status()?;
-            Ok(st["os"]["running"] == "7"
-                && workload(&st, "web").is_some_and(|w| w["answering"] == true))
+            Ok(st["os"]["running"] == "7" && answering(&st, "web"))
         },
     )?;
     println!(
