@@ -568,6 +568,8 @@ struct Slot {
     remove: bool,
     replacement: Option<Arc<dyn Workload>>,
     answering: bool,
+    /// Its process was started at least once (OS trial boots count it).
+    started_once: bool,
 }
 
 struct Supervisor<'a> {
@@ -1072,17 +1074,17 @@ impl<'a> Supervisor<'a> {
     }
 
     /// A trial boot that came up (a manifest applied, every workload
-    /// running) keeps its boot entry for good.
+    /// started) keeps its boot entry for good.
     fn check_os_good(&mut self) {
         let os = &self.boot.os;
         if !os.trial || os.marked.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let up = self.boot.manifest.is_some()
-            && self
-                .slots
-                .values()
-                .all(|s| matches!(s.state, State::Running { .. }));
+        // Up: a manifest applied and every workload's process started at
+        // least once. A workload that then exits (a one-shot job) or
+        // crash-loops is its own problem, not the OS's: it must not roll
+        // every update back.
+        let up = self.boot.manifest.is_some() && self.slots.values().all(|s| s.started_once);
         if !up {
             return;
         }
@@ -1272,6 +1274,7 @@ impl<'a> Supervisor<'a> {
                 remove: false,
                 replacement: None,
                 answering: false,
+                started_once: false,
             },
         );
         self.prepare(&name);
@@ -1364,6 +1367,7 @@ impl<'a> Supervisor<'a> {
                 s.address = Some(st.address);
                 s.error = None;
                 s.answering = false;
+                s.started_once = true;
                 // Probed the way clients come: the published port on the
                 // node's own address (DNAT from the node itself).
                 if let Some(p) = s.w.ports().into_iter().find(|p| p.protocol == "tcp") {
