@@ -148,8 +148,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
 /// adds boot counting to its file name (`cairn-V+N.conf`) when it installs
 /// an update.
 pub fn entry(version: &str, cmdline: &str) -> String {
+    // `version 0`: every update the node installs sorts above it (the node
+    // uses the manifest version there).
     format!(
-        "title cairn {version}\nversion {version}\nsort-key cairn\nlinux /cairn/{version}/vmlinuz\ninitrd /cairn/{version}/initrd.img\noptions {cmdline} cairn.os={version}\n"
+        "title cairn {version}\nversion 0\nsort-key cairn\nlinux /cairn/{version}/vmlinuz\ninitrd /cairn/{version}/initrd.img\noptions {cmdline} cairn.os={version}\n"
     )
 }
 
@@ -174,12 +176,12 @@ pub fn esp_files(inp: &Inputs, p: &Payload) -> Result<Vec<(String, Vec<u8>)>, St
     ])
 }
 
-/// An OS version as it appears in file names: `[0-9A-Za-z._]`, no `+` or
+/// An OS version as it appears in file names: `[0-9a-z._]` (see `cairn_manifest::is_os_version`), no `+` or
 /// `-` (systemd-boot's boot counting parses those).
 pub fn check_version(v: &str) -> Result<(), String> {
     if !cairn_manifest::is_os_version(v) {
         return Err(format!(
-            "OS version {v:?}: use 1-64 of [0-9A-Za-z._] (no '+' or '-')"
+            "OS version {v:?}: use 1-64 of [0-9a-z._], starting with a letter or digit (no '+' or '-')"
         ));
     }
     Ok(())

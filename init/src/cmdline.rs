@@ -204,7 +204,11 @@ pub fn parse(text: &str) -> (Config, Vec<CmdlineError>) {
             },
             // The OS version of this boot entry (read by the OS updater).
             "cairn.os" if !cairn_manifest::is_os_version(value) => {
-                errors.push(err(key, value, "an OS version is 1-64 of [0-9A-Za-z._]"));
+                errors.push(err(
+                    key,
+                    value,
+                    "an OS version is 1-64 of [0-9a-z._], starting with a letter or digit",
+                ));
             }
             "cairn.os" => {}
             "cairn.mode" => match value {

@@ -18,6 +18,16 @@ const USER_DATA: [&str; 2] = ["user-data", "openstack/latest/user_data"];
 const MOUNT_AT: &str = "/run/cairn/config-drive";
 /// A config drive's user data larger than this is not ours.
 const MAX_USER_DATA: u64 = 64 * 1024;
+/// What a config drive may set: where the hub is and who this node is.
+/// Trust (`cairn.trust`), the mode and the OS version stay the image's.
+const ALLOWED: [&str; 5] = ["cairn.hub", "cairn.node", "cairn.poll", "cairn.iface", "ip"];
+
+/// Splits words into those a config drive may set and the rest.
+pub fn allowed(words: Vec<String>) -> (Vec<String>, Vec<String>) {
+    words
+        .into_iter()
+        .partition(|w| ALLOWED.contains(&w.split_once('=').map_or(w.as_str(), |(k, _)| k)))
+}
 
 /// The file-system label and type in the first 64 KiB of a device.
 pub fn label(head: &[u8]) -> Option<(String, &'static std::ffi::CStr)> {
@@ -112,8 +122,11 @@ pub fn read() -> Result<Option<(String, Vec<String>)>, String> {
         unsafe { libc::umount2(c"/run/cairn/config-drive".as_ptr(), libc::MNT_DETACH) };
         let where_ = format!("config drive {} ({name})", dev.display());
         return match found {
-            Some((f, text)) => match words(&text) {
-                Some(w) => Ok(Some((format!("{where_} {f}"), w))),
+            Some((f, text)) => match words(&text).map(allowed) {
+                Some((w, refused)) if refused.is_empty() => Ok(Some((format!("{where_} {f}"), w))),
+                Some((_, refused)) => Err(format!(
+                    "{where_}: {f} sets {refused:?}; a config drive may only set {ALLOWED:?}: ignored"
+                )),
                 None => Err(format!(
                     "{where_}: {f} does not start with a #cairn line; ignored"
                 )),
@@ -157,6 +170,15 @@ mod tests {
             ])
         );
         assert_eq!(words("#cloud-config\nhostname: x\n"), None);
+        let (ok, refused) = allowed(vec![
+            "cairn.hub=http://h:1".into(),
+            "ip=dhcp".into(),
+            "cairn.trust=0123456789abcdef".into(),
+            "cairn.mode=loader".into(),
+            "init=/bin/sh".into(),
+        ]);
+        assert_eq!(ok, vec!["cairn.hub=http://h:1", "ip=dhcp"]);
+        assert_eq!(refused.len(), 3);
         assert_eq!(words(""), None);
     }
 }

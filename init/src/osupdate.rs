@@ -28,13 +28,17 @@ use std::time::Duration;
 /// GPT partition name of cairn's EFI system partition.
 pub const ESP_LABEL: &str = "cairn-esp";
 const ESP_AT: &str = "/run/cairn/esp";
-const MAX_ARTIFACT: u64 = 512 << 20;
+/// Kernels and initramfs files are read into memory before their digest
+/// is known: bounded.
+const MAX_ARTIFACT: u64 = 128 << 20;
 
-/// The running version (`cairn.os=`), if the boot entry named one.
+/// The running version (`cairn.os=`, the last one, as the boot entry
+/// appends it), if the boot entry named one.
 pub fn running_version(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("cairn.os="))
+        .filter_map(|w| w.strip_prefix("cairn.os="))
+        .next_back()
         .map(str::to_string)
 }
 
@@ -58,6 +62,8 @@ pub struct EntryName {
     pub version: String,
     /// Tries left, when boot counting is on (None: a good entry).
     pub left: Option<u32>,
+    /// Tries made (`-DONE`); none yet when the entry was never booted.
+    pub done: Option<u32>,
 }
 
 /// Parses an entry file name; `None` for files that are not cairn entries.
@@ -67,16 +73,20 @@ pub fn parse_entry(file: &str) -> Option<EntryName> {
         Some((v, c)) => (v, Some(c)),
         None => (stem, None),
     };
-    if version.is_empty() {
+    if !cairn_manifest::is_os_version(version) {
         return None;
     }
-    let left = match counter {
-        None => None,
-        Some(c) => Some(c.split('-').next()?.parse().ok()?),
+    let (left, done) = match counter {
+        None => (None, None),
+        Some(c) => match c.split_once('-') {
+            Some((l, d)) => (Some(l.parse().ok()?), Some(d.parse().ok()?)),
+            None => (Some(c.parse().ok()?), None),
+        },
     };
     Some(EntryName {
         version: version.to_string(),
         left,
+        done,
     })
 }
 
@@ -153,15 +163,31 @@ impl Esp {
     }
 
     /// Installs `os` as the next boot's version (one try), keeping
-    /// `running` as the fallback and removing every other version.
-    pub fn install(&self, os: &OsSpec, cmdline: &str, running: &str) -> Result<(), String> {
+    /// `running` as the fallback and removing every other version. `sort`
+    /// is the entry's `version` for systemd-boot's ordering (newest first):
+    /// the manifest version, which only grows, so the newest install boots
+    /// next even when its OS version sorts lower (a rollback to "1.9").
+    pub fn install(
+        &self,
+        os: &OsSpec,
+        cmdline: &str,
+        running: &str,
+        sort: u64,
+    ) -> Result<(), String> {
         let kernel = fetch(&os.kernel, "kernel")?;
         let initrd = fetch(&os.initramfs, "initramfs")?;
-        // Room first: every version but the running one goes.
+        // Room first: every version but the running one goes (entries, and
+        // directories a failed install may have left without an entry).
         for (file, e) in self.entries() {
             if e.version != running {
                 let _ = std::fs::remove_file(self.entries_dir().join(&file));
-                let _ = std::fs::remove_dir_all(self.root.join("cairn").join(&e.version));
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.root.join("cairn")) {
+            for d in rd.flatten() {
+                if d.file_name().to_string_lossy() != running {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
             }
         }
         let dir = self.root.join("cairn").join(&os.version);
@@ -170,8 +196,9 @@ impl Esp {
         write_synced(&dir.join("initrd.img"), &initrd)?;
         // The entry last: until it exists the new files are inert.
         let v = &os.version;
+        let cmdline = base_cmdline(cmdline);
         let entry = format!(
-            "title cairn {v}\nversion {v}\nsort-key cairn\nlinux /cairn/{v}/vmlinuz\ninitrd /cairn/{v}/initrd.img\noptions {cmdline} cairn.os={v}\n"
+            "title cairn {v}\nversion {sort}\nsort-key cairn\nlinux /cairn/{v}/vmlinuz\ninitrd /cairn/{v}/initrd.img\noptions {cmdline} cairn.os={v}\n"
         );
         std::fs::create_dir_all(self.entries_dir()).map_err(|e| e.to_string())?;
         write_synced(
@@ -262,22 +289,33 @@ mod tests {
             parse_entry("cairn-2.conf"),
             Some(EntryName {
                 version: "2".into(),
-                left: None
+                left: None,
+                done: None
             })
         );
-        assert_eq!(parse_entry("cairn-2+1.conf").unwrap().left, Some(1));
-        assert_eq!(parse_entry("cairn-2.1_b+0-1.conf").unwrap().left, Some(0));
-        assert_eq!(
-            parse_entry("cairn-2.1_b+0-1.conf").unwrap().version,
-            "2.1_b"
-        );
-        for bad in ["other.conf", "cairn-.conf", "cairn-2+x.conf", "cairn-2.txt"] {
+        let fresh = parse_entry("cairn-2+1.conf").unwrap();
+        assert_eq!((fresh.left, fresh.done), (Some(1), None), "never booted");
+        let tried = parse_entry("cairn-2.1_b+0-1.conf").unwrap();
+        assert_eq!((tried.left, tried.done), (Some(0), Some(1)));
+        assert_eq!(tried.version, "2.1_b");
+        for bad in [
+            "other.conf",
+            "cairn-.conf",
+            "cairn-2+x.conf",
+            "cairn-2.txt",
+            "cairn-...conf",
+            "cairn-V2.conf",
+        ] {
             assert_eq!(parse_entry(bad), None, "{bad}");
         }
         let c = "console=ttyS0 cairn.hub=http://h:1 cairn.os=1 initrd=\\cairn\\1\\initrd.img";
         assert_eq!(running_version(c).as_deref(), Some("1"));
         assert_eq!(base_cmdline(c), "console=ttyS0 cairn.hub=http://h:1");
         assert_eq!(running_version("console=ttyS0"), None);
+        assert_eq!(
+            running_version("cairn.os=1 x cairn.os=2").as_deref(),
+            Some("2")
+        );
     }
 
     #[test]

@@ -233,6 +233,10 @@ struct OsBoot {
     trial: bool,
     /// Versions whose try failed (entries with no tries left).
     failed: Vec<String>,
+    /// Versions installed for a try that the boot loader did not boot
+    /// (this boot chose another entry): not installed again, or the node
+    /// would reboot forever.
+    unbooted: Vec<String>,
     /// The trial boot was marked good.
     marked: Arc<std::sync::atomic::AtomicBool>,
     /// What the update machinery is doing, and its last error.
@@ -248,7 +252,7 @@ impl OsBoot {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         let running = crate::osupdate::running_version(&cmdline);
         let esp = crate::osupdate::find_esp();
-        let (mut trial, mut failed) = (false, Vec::new());
+        let (mut trial, mut failed, mut unbooted) = (false, Vec::new(), Vec::new());
         if let Some(dev) = &esp {
             match crate::osupdate::Esp::mount(dev) {
                 Ok(m) => {
@@ -257,19 +261,22 @@ impl OsBoot {
                             trial = e.left.is_some();
                         } else if e.left == Some(0) {
                             failed.push(e.version);
+                        } else if e.left.is_some() && e.done.is_none() {
+                            unbooted.push(e.version);
                         }
                     }
                 }
                 Err(e) => tracing::error!("{e}"),
             }
         }
-        tracing::info!(running = ?running, esp = ?esp, trial, failed = ?failed, "OS version");
+        tracing::info!(running = ?running, esp = ?esp, trial, failed = ?failed, unbooted = ?unbooted, "OS version");
         let os = OsBoot {
             running,
             cmdline: crate::osupdate::base_cmdline(&cmdline),
             esp,
             trial,
             failed,
+            unbooted,
             marked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             state: Arc::new(std::sync::Mutex::new(("idle".into(), None))),
         };
@@ -309,6 +316,7 @@ impl OsBoot {
             "trial": self.trial,
             "marked_good": self.marked.load(std::sync::atomic::Ordering::SeqCst),
             "failed": self.failed,
+            "unbooted": self.unbooted,
             "state": state,
             "error": error,
         })
@@ -995,12 +1003,14 @@ impl<'a> Supervisor<'a> {
             return;
         };
         let b = &self.boot.os;
-        if b.running.as_deref() == Some(os.version.as_str()) {
-            b.set(format!("running {}", os.version), None);
-            return;
-        }
+        // One install (and its reboot) at a time, whatever the manifest
+        // says meanwhile.
         let busy = b.state.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
         if busy.starts_with("installing") || busy.starts_with("rebooting") {
+            return;
+        }
+        if b.running.as_deref() == Some(os.version.as_str()) {
+            b.set(format!("running {}", os.version), None);
             return;
         }
         let Some(dev) = b.esp.clone() else {
@@ -1010,7 +1020,7 @@ impl<'a> Supervisor<'a> {
                 return;
             }
             if self.boot.records.os_reboot_for().as_deref() == Some(os.version.as_str()) {
-                b.set("idle", Some(format!("rebooted for version {} but booted {:?} again: the boot server still serves the old version", os.version, b.running)));
+                b.set("idle", Some(format!("rebooted for version {} but booted {:?} again: the boot server still serves the old version (or this medium has no boot slots, like the full ISO)", os.version, b.running)));
                 return;
             }
             if let Err(e) = self.boot.records.save_os_reboot_for(&os.version) {
@@ -1049,14 +1059,37 @@ impl<'a> Supervisor<'a> {
             );
             return;
         };
+        if b.unbooted.contains(&os.version) {
+            b.set(
+                "idle",
+                Some(format!(
+                    "version {} was installed but the boot loader booted {running} again; not retried: publish another version",
+                    os.version
+                )),
+            );
+            return;
+        }
+        // The running version is on trial: replacing the other slot now
+        // would delete the last version known to work.
+        if b.trial && !b.marked.load(std::sync::atomic::Ordering::SeqCst) {
+            b.set(
+                format!(
+                    "waiting for {running} to come up before installing {}",
+                    os.version
+                ),
+                None,
+            );
+            return;
+        }
         let cmdline = os.cmdline.clone().unwrap_or_else(|| b.cmdline.clone());
+        let sort = m.version;
         b.set(format!("installing {}", os.version), None);
         let state = b.state.clone();
         let _ = std::thread::Builder::new()
             .name("os-install".into())
             .spawn(move || {
                 let r = crate::osupdate::Esp::mount(&dev)
-                    .and_then(|esp| esp.install(&os, &cmdline, &running));
+                    .and_then(|esp| esp.install(&os, &cmdline, &running, sort));
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 match r {
                     Ok(()) => {
@@ -1096,8 +1129,16 @@ impl<'a> Supervisor<'a> {
                 os.marked.store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(version = %v, "this OS version came up: its boot entry is kept");
                 os.set(format!("running {v}"), None);
+                // An update deferred during the trial can go ahead now.
+                if let Some(m) = self.boot.manifest.clone() {
+                    self.apply_os(&m);
+                }
             }
-            Err(e) => os.set("idle", Some(e)),
+            Err(e) => {
+                // Not retried in a loop: the next manifest or boot tries again.
+                os.marked.store(true, std::sync::atomic::Ordering::SeqCst);
+                os.set("idle", Some(format!("{e}; this version stays on trial")));
+            }
         }
     }
 

@@ -50,7 +50,7 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OsSpec {
-    /// Version name, `[0-9A-Za-z._]` (it becomes a boot entry's file name).
+    /// Version name, `[0-9a-z._]`, starting with a letter or digit (it becomes a boot entry's file name).
     pub version: String,
     /// The kernel (bzImage).
     pub kernel: Artifact,
@@ -528,13 +528,17 @@ pub enum SpecError {
 /// Upper bound for manifest times: 2200-01-01T00:00:00Z.
 pub const MAX_UNIX_SECONDS: u64 = 7_258_118_400;
 
-/// An OS version name: 1-64 of `[0-9A-Za-z._]` (it becomes a boot
-/// entry's file name, where `+` and `-` belong to boot counting).
+/// An OS version name: 1-64 of `[0-9a-z._]`, starting with a letter or
+/// digit. It becomes file and directory names on a FAT ESP: no `+` or `-`
+/// (boot counting), no `.`/`..`, no upper case (FAT ignores case, so `V2`
+/// would overwrite `v2`).
 pub fn is_os_version(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 64
+    v.len() <= 64
         && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_')
 }
 
 /// Checks a digest string of the form `sha256:<64 lowercase hex>`.
@@ -674,14 +678,9 @@ impl Manifest {
         }
         if let Some(os) = &self.os {
             let v = &os.version;
-            if v.is_empty()
-                || v.len() > 64
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-            {
+            if !is_os_version(v) {
                 return Err(SpecError::BadOs(format!(
-                    "version {v:?}: use 1-64 of [0-9A-Za-z._]"
+                    "version {v:?}: use 1-64 of [0-9a-z._], starting with a letter or digit"
                 )));
             }
             for (what, a) in [("kernel", &os.kernel), ("initramfs", &os.initramfs)] {

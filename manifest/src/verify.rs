@@ -445,3 +445,53 @@ port = [{{ host = 8080, container = 80 }}]
         assert!(e.contains("unknown field `gpu`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod os_tests {
+    use crate::types::*;
+
+    fn with_os(version: &str, url: &str, digest: &str) -> Result<Manifest, String> {
+        Manifest::from_toml(&format!(
+            r#"
+node = "n1"
+version = 1
+issued_at = 1
+expires_at = 2
+
+[os]
+version = "{version}"
+kernel = {{ url = "{url}", sha256 = "{digest}" }}
+initramfs = {{ url = "http://h/i", sha256 = "sha256:{d}" }}
+"#,
+            d = "cd".repeat(32)
+        ))
+        .map_err(|e| e.to_string())
+        .and_then(|m| m.validate().map(|()| m).map_err(|e| e.to_string()))
+    }
+
+    /// Versions become directory names on a FAT ESP: `.`, `..`, upper case
+    /// (FAT ignores case) and boot-counting characters are refused.
+    #[test]
+    fn os_versions_urls_and_digests_are_checked() {
+        let good = format!("sha256:{}", "ab".repeat(32));
+        assert!(with_os("2026.12.1_b", "http://h/k", &good).is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".x",
+            "V2",
+            "2+1",
+            "2-1",
+            "a/b",
+            &"9".repeat(65),
+        ] {
+            let e = with_os(bad, "http://h/k", &good).unwrap_err();
+            assert!(e.contains("os"), "{bad:?}: {e}");
+        }
+        assert!(with_os("2", "https://h/k", &good)
+            .unwrap_err()
+            .contains("http://"));
+        assert!(with_os("2", "http://h/k", "sha256:xyz").is_err());
+    }
+}

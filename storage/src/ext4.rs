@@ -229,9 +229,6 @@ pub fn format(dev: &File, bytes: u64, p: &Params) -> Result<Layout, Ext4Error> {
             } else {
                 l.group_start(g) * BLOCK
             };
-            if g == 0 {
-                dev.write_all_at(&[0u8; 1024], 0)?;
-            }
             dev.write_all_at(&sb, at)?;
             dev.write_all_at(&gdt, (l.group_start(g) + 1) * BLOCK)?;
         }
@@ -276,6 +273,11 @@ pub fn format(dev: &File, bytes: u64, p: &Params) -> Result<Layout, Ext4Error> {
     // The journal: zeroed, then its superblock.
     zero_range(l.journal_start(), l.journal_blocks)?;
     dev.write_all_at(&journal_superblock(&l, p), l.journal_start() * BLOCK)?;
+    dev.sync_all()?;
+    // The first 1 KiB (old boot sectors, or a disk image's "format me"
+    // mark) goes last, once everything else is on the disk: a format cut
+    // short by a power loss still carries the mark and is done again.
+    dev.write_all_at(&[0u8; 1024], 0)?;
     dev.sync_all()?;
     Ok(l)
 }

@@ -352,5 +352,22 @@ fn cloud_image_under_uefi_config_drive_and_os_updates() -> Result<()> {
         Duration::from_secs(120),
         || Ok(answering(&sc.status()?, "web")),
     )?;
+
+    // Back to an OS version that sorts lower ("1.9" < "2"): the newest
+    // install still boots next (its entry sorts by manifest version).
+    let boot3 = st["boot_id"].clone();
+    let v5 = sc.manifest(5, &os("1.9", "initramfs.cpio.zst", &initrd_digest)?);
+    sc.publish(NODE, &sc.sign("v5", &v5)?)?;
+    sc.net.wait_until(
+        "the node to come up on OS version 1.9",
+        Duration::from_secs(400),
+        || {
+            st = sc.status()?;
+            Ok(st["boot_id"] != boot3
+                && st["os"]["running"] == "1.9"
+                && st["os"]["marked_good"] == true)
+        },
+    )?;
+    println!("rollback to an older-sorting version: {}", st["os"]);
     Ok(())
 }
