@@ -627,6 +627,17 @@ impl Store {
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
         if let Err(e) = check_digest(what, &d.digest, &got) {
             let _ = std::fs::remove_file(&tmp);
+            if from == BlobSource::Seed {
+                // A damaged image seed is not the end: the registry may
+                // still have the blob.
+                tracing::warn!(what, "seed copy refused ({e}); trying the registry");
+                drop(reader);
+                let registry_only = Store {
+                    root: self.root.clone(),
+                    seed: None,
+                };
+                return registry_only.download(reg, d, what);
+            }
             return Err(e);
         }
         if d.size != total {
@@ -932,14 +943,26 @@ mod tests {
             b"hi\n"
         );
         assert_eq!(pulled.config.cmd, vec!["/hello".to_string()]);
-        // A tampered seed layer is refused (the registry is still gone).
+        // A tampered seed layer is refused: with the registry gone the pull
+        // fails naming it; with a registry the layer comes from there.
         std::fs::write(blobs.join(sha256_hex(&layer)), b"not the layer").unwrap();
         let other = Store::new(t.path().join("store2")).with_seed(&seed);
         let e = other
             .pull(&image)
             .expect_err("a tampered seed must not be used")
             .to_string();
-        assert!(e.contains("layer 0"), "{e}");
+        assert!(e.contains("unreachable"), "{e}");
+        let served = ImageRef {
+            registry: serve(vec![(d(&layer), layer.clone())]),
+            ..image.clone()
+        };
+        let third = Store::new(t.path().join("store3")).with_seed(&seed);
+        let pulled = third.pull(&served).unwrap();
+        assert_eq!(pulled.fetched_layers, 1, "the layer came from the registry");
+        assert_eq!(
+            std::fs::read(pulled.layers[0].join("hello")).unwrap(),
+            b"hi\n"
+        );
         // A missing seed directory is no seed.
         assert!(Store::new(t.path())
             .with_seed(t.path().join("none"))

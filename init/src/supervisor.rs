@@ -782,7 +782,11 @@ impl<'a> Supervisor<'a> {
             // nothing new, but nothing runs yet either.
             Ok((Decision::Unchanged, _)) if self.boot.manifest.is_none() => {
                 self.boot.lkg = Some(bytes.to_vec());
-                self.apply_last_known_good("the hub serves the applied version");
+                self.apply_last_known_good(if source == "seed" {
+                    "the seed is the applied version"
+                } else {
+                    "the hub serves the applied version"
+                });
                 self.boot.manifest_source = source;
             }
             Ok((Decision::Unchanged, _)) => {
@@ -807,7 +811,11 @@ impl<'a> Supervisor<'a> {
                 let error = Some((rej.code().to_string(), rej.to_string()));
                 // Nothing runs yet this boot (the hub serves something we
                 // refuse, e.g. an older version): run the last known good.
-                self.apply_last_known_good("the hub's manifest was refused");
+                self.apply_last_known_good(if source == "seed" {
+                    "the seed manifest was refused"
+                } else {
+                    "the hub's manifest was refused"
+                });
                 self.manifest_state = "rejected";
                 self.manifest_error = error;
             }
@@ -1085,7 +1093,7 @@ impl<'a> Supervisor<'a> {
         let sort = m.version;
         b.set(format!("installing {}", os.version), None);
         let state = b.state.clone();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("os-install".into())
             .spawn(move || {
                 let r = crate::osupdate::Esp::mount(&dev)
@@ -1104,6 +1112,12 @@ impl<'a> Supervisor<'a> {
                     }
                 }
             });
+        if let Err(e) = spawned {
+            b.set(
+                "idle",
+                Some(format!("cannot start the installer thread: {e}")),
+            );
+        }
     }
 
     /// A trial boot that came up (a manifest applied, every workload
