@@ -11,7 +11,7 @@
 
 use crate::cmdline::Config;
 use crate::supervisor::{clock_floor, load_trust, node_id, now_unix, sync_time, BUILD_EPOCH};
-use cairn_manifest::{verify, Decision, OsSpec};
+use cairn_manifest::{verify, verify_stored, Applied, Decision, OsSpec};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -33,18 +33,27 @@ pub fn next_cmdline(loader_cmdline: &str, os: &OsSpec) -> String {
     format!("{base} cairn.os={}", os.version)
 }
 
-/// One attempt: the verified OS, ready to load, or why not.
-fn fetch_verified(cfg: &Config, node: &str) -> Result<(OsSpec, Vec<u8>, Vec<u8>), String> {
+/// One attempt: the verified OS, ready to load, or why not. `applied` is
+/// the version this machine's state volume has applied: an older manifest
+/// (a replayed one naming an old, perhaps vulnerable OS) is refused.
+fn fetch_verified(
+    cfg: &Config,
+    node: &str,
+    applied: Option<&Applied>,
+) -> Result<(OsSpec, Vec<u8>, Vec<u8>), String> {
     let (trust, _) = load_trust(cfg);
     let hub = cfg
         .hub
         .as_deref()
         .ok_or("loader mode needs cairn.hub= on the command line")?;
     let bytes = crate::hub::fetch_manifest(hub, node)?;
-    let m = match verify(&bytes, &trust, node, now_unix(), None) {
-        Ok((Decision::Apply(m), _)) => m,
-        Ok((Decision::Unchanged, _)) => return Err("manifest unchanged".into()),
-        Err(rej) => return Err(format!("manifest refused: {rej}")),
+    let m = match (verify(&bytes, &trust, node, now_unix(), applied), applied) {
+        (Ok((Decision::Apply(m), _)), _) => *m,
+        // The manifest the node applied last: boot what it names.
+        (Ok((Decision::Unchanged, _)), Some(a)) => verify_stored(&bytes, &trust, node, a)
+            .map_err(|rej| format!("manifest refused: {rej}"))?,
+        (Ok((Decision::Unchanged, _)), None) => return Err("manifest unchanged".into()),
+        (Err(rej), _) => return Err(format!("manifest refused: {rej}")),
     };
     let os = m.os.clone().ok_or(format!(
         "manifest version {} has no [os] section: nothing to boot",
@@ -127,8 +136,11 @@ pub fn run_forever(cfg: Config) {
     tracing::info!(node = %node, address = %uplink.address, "loader: address up");
     sync_time(&uplink.ntp);
     let own = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // The machine's own anti-rollback floor, if it has a state volume.
+    let applied = crate::state::read_only_applied();
+    tracing::info!(applied = ?applied.as_ref().map(|a| a.version), "loader: applied version on this machine's state volume");
     loop {
-        match fetch_verified(&cfg, &node) {
+        match fetch_verified(&cfg, &node, applied.as_ref()) {
             Ok((os, kernel, initrd)) => {
                 let e = kexec(&kernel, &initrd, &next_cmdline(&own, &os));
                 tracing::error!("loader: kexec failed: {e}");

@@ -244,6 +244,47 @@ pub fn bring_up() -> Volume {
     v
 }
 
+/// The applied version recorded on this machine's state volume, read
+/// without writing anything (the volume is mounted read-only and unmounted
+/// again): what the verified loader holds the hub's manifest against.
+/// `None` without exactly one cairn volume, or when it cannot be read.
+pub fn read_only_applied() -> Option<Applied> {
+    let vols: Vec<(Disk, gpt::Partition)> = settled_disks()
+        .into_iter()
+        .filter(auto_ok)
+        .filter_map(|d| {
+            let c = std::fs::File::open(&d.path)
+                .and_then(|f| disks::inspect(&f, d.bytes, d.sector))
+                .ok()?;
+            match c {
+                Content::Cairn(p) => Some((d, p)),
+                _ => None,
+            }
+        })
+        .collect();
+    let [(disk, part)] = vols.as_slice() else {
+        return None;
+    };
+    let dev = partition_path(disk, part.number);
+    if !wait_for(&dev) || is_blank(&dev) {
+        return None;
+    }
+    let _ = std::fs::create_dir_all(ROOT);
+    if let Err(e) = mount_dev(
+        &dev,
+        Path::new(ROOT),
+        c"ext4",
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ) {
+        tracing::warn!(device = %dev.display(), "state volume not readable: {e}");
+        return None;
+    }
+    let applied = Records::new().applied();
+    // SAFETY: unmounting what was mounted above; a NUL-terminated path.
+    unsafe { libc::umount2(c"/var/lib/cairn".as_ptr(), 0) };
+    applied
+}
+
 impl Volume {
     /// The manifest's `[storage]` rule on a node that runs from RAM: use
     /// the disk with that serial or device path, or the first empty one of

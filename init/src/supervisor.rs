@@ -1028,7 +1028,7 @@ impl<'a> Supervisor<'a> {
                 return;
             }
             if self.boot.records.os_reboot_for().as_deref() == Some(os.version.as_str()) {
-                b.set("idle", Some(format!("rebooted for version {} but booted {:?} again: the boot server still serves the old version (or this medium has no boot slots, like the full ISO)", os.version, b.running)));
+                b.set("idle", Some(format!("rebooted for version {} but booted {} again: the boot server still serves the old version (or this medium has no boot slots, like the full ISO)", os.version, b.running.as_deref().unwrap_or("an unversioned image"))));
                 return;
             }
             if let Err(e) = self.boot.records.save_os_reboot_for(&os.version) {

@@ -63,6 +63,12 @@ fn netboot_through_ipxe_from_the_hub() -> Result<()> {
     let v1 = sc.sign("v1", &sc.manifest(1, ""))?;
     sc.publish(NODE, &v1)?;
     sc.net.nics = 1;
+    // A state disk (a netbooted node remembers that it rebooted for an OS
+    // version) and reboots that restart the machine.
+    let disk = sc.net.dir.path().join("state.img");
+    std::fs::File::create(&disk)?.set_len(256 << 20)?;
+    sc.net.disks = vec![cairn_e2e::DiskSpec::new(&disk, "NETBOOT-DISK-1")];
+    sc.net.allow_reset = true;
     let hub = sc.hub.clone();
     sc.net.pxe_boot_url(&format!("{hub}/ipxe"))?;
 
@@ -79,6 +85,60 @@ fn netboot_through_ipxe_from_the_hub() -> Result<()> {
         hub_log.contains("iPXE script served") && hub_log.contains(&mac.replace(':', "-")),
         "the hub served this machine's script"
     );
+
+    // An OS update on a netbooted node: the operator points the machine's
+    // profile at version 2, the manifest names it, the node reboots into it.
+    let os = |v: &str| -> Result<String> {
+        Ok(format!(
+            "\n[os]\nversion = \"{v}\"\nkernel = {{ url = \"{hub}/boot/bzImage\", sha256 = \"{k}\" }}\ninitramfs = {{ url = \"{hub}/boot/initramfs.cpio.zst\", sha256 = \"{i}\" }}\n",
+            k = sha256_file(&sc.kernel)?,
+            i = sha256_file(&sc.initrd)?,
+        ))
+    };
+    run(sc.net.cmd(&ctl).args([
+        "ipxe",
+        "--hub",
+        &sc.hub,
+        "--mac",
+        &mac,
+        "--node",
+        NODE,
+        "--cmdline",
+        "console=ttyS0 panic=-1 cairn.poll=1 cairn.os=2",
+    ]))?;
+    let boot1 = sc.status()?["boot_id"].clone();
+    sc.publish(NODE, &sc.sign("v2", &sc.manifest(2, &os("2")?))?)?;
+    let mut st = Value::Null;
+    sc.net.wait_until(
+        "the netbooted node to reboot into OS version 2",
+        Duration::from_secs(300),
+        || {
+            st = sc.status()?;
+            Ok(st["boot_id"] != boot1 && st["os"]["running"] == "2" && answering(&st, "web"))
+        },
+    )?;
+    println!("netboot OS update: {}", st["os"]);
+    // Version 3 named while the profile still serves 2: one reboot, then
+    // the node says so instead of rebooting again.
+    let boot2 = st["boot_id"].clone();
+    sc.publish(NODE, &sc.sign("v3", &sc.manifest(3, &os("3")?))?)?;
+    sc.net.wait_until(
+        "the node to report that the boot server still serves 2",
+        Duration::from_secs(300),
+        || {
+            st = sc.status()?;
+            Ok(st["boot_id"] != boot2
+                && st["os"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("still serves the old version")))
+        },
+    )?;
+    println!("netboot, profile not updated: {}", st["os"]["error"]);
+    let boot3 = st["boot_id"].clone();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(sc.status()?["boot_id"], boot3, "no second reboot");
+    sc.net.disks.clear();
+    sc.net.allow_reset = false;
 
     // An unknown machine: the default profile, its own id, nothing to run.
     sc.net.stop("qemu");
@@ -229,6 +289,11 @@ fn verified_loader_refuses_a_tampered_initramfs_and_kexecs_the_signed_one() -> R
         std::fs::metadata(&iso)?.len()
     );
     sc.net.nics = 1;
+    // A state disk: the kexec'd node records what it applied, and the
+    // loader holds the hub to it on the next boot.
+    let disk = dir.join("state.img");
+    std::fs::File::create(&disk)?.set_len(256 << 20)?;
+    sc.net.disks = vec![cairn_e2e::DiskSpec::new(&disk, "LOADER-DISK-1")];
     sc.net.boot_cdrom(&iso)?;
     sc.net.wait_until(
         "the loader to refuse the tampered initramfs",
@@ -268,5 +333,43 @@ fn verified_loader_refuses_a_tampered_initramfs_and_kexecs_the_signed_one() -> R
     );
     assert!(sc.net.serial().contains("kexec into the verified OS"));
     assert_eq!(st["manifest"]["applied_version"], 2);
+    assert_eq!(st["storage"]["device"], "/dev/vda1", "{}", st["storage"]);
+
+    // A replayed older manifest (validly signed, version 1) on the next
+    // boot: the loader reads the applied version from the state volume and
+    // refuses it; a newer one boots.
+    sc.net.stop("qemu");
+    sc.publish(
+        NODE,
+        &sc.sign("v1-replayed", &sc.manifest(1, &os("initramfs.cpio.zst")?))?,
+    )?;
+    sc.net.boot_cdrom(&iso)?;
+    sc.net.wait_until(
+        "the loader to refuse the replayed older manifest",
+        Duration::from_secs(300),
+        || Ok(sc.net.serial().contains("rollback refused")),
+    )?;
+    let serial = sc.net.serial();
+    assert!(
+        serial.contains("applied=Some(2)"),
+        "the loader read the applied version from the disk"
+    );
+    assert!(
+        !serial.contains("kexec into"),
+        "the old manifest was not booted"
+    );
+    sc.publish(
+        NODE,
+        &sc.sign("v3", &sc.manifest(3, &os("initramfs.cpio.zst")?))?,
+    )?;
+    sc.net.wait_until(
+        "the node to run manifest 3 after the loader",
+        Duration::from_secs(300),
+        || {
+            st = sc.status()?;
+            Ok(st["manifest"]["applied_version"] == 3 && answering(&st, "web"))
+        },
+    )?;
+    println!("loader anti-rollback: version 1 refused after 2 was applied; version 3 booted");
     Ok(())
 }
