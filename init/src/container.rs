@@ -195,6 +195,10 @@ impl Workload for Container {
         self.spec.ports.clone()
     }
 
+    fn health(&self) -> Option<cairn_manifest::HealthCheck> {
+        self.spec.health.clone()
+    }
+
     fn prepare(&self) -> Result<String, String> {
         let store = Store::new(STATE_ROOT).with_seed(crate::oci::SEED_BLOBS);
         let img = store.pull(&self.spec.image).map_err(|e| e.to_string())?;

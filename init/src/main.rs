@@ -4,6 +4,7 @@
 mod cmdline;
 mod configdrive;
 mod container;
+mod health;
 mod hub;
 mod loader;
 mod logs;

@@ -48,6 +48,15 @@ pub enum Event {
         /// Summary or error.
         result: Result<String, String>,
     },
+    /// One health probe's result.
+    Health {
+        /// Workload.
+        name: String,
+        /// Slot generation.
+        gen: u64,
+        /// Healthy, or why not.
+        result: Result<(), String>,
+    },
     /// A workload accepted its first TCP connection on a published port.
     Answering {
         /// Workload.
@@ -578,6 +587,15 @@ struct Slot {
     answering: bool,
     /// Its process was started at least once (OS trial boots count it).
     started_once: bool,
+    /// Cleared to end the running process's health prober.
+    health_alive: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// `starting`, `healthy` or `unhealthy` (with a health check).
+    health_state: &'static str,
+    /// Failed probes in a row, and the last failure.
+    health_failures: u32,
+    health_error: Option<String>,
+    /// Times it was killed for failing its health check.
+    unhealthy_restarts: u32,
 }
 
 struct Supervisor<'a> {
@@ -720,6 +738,7 @@ impl<'a> Supervisor<'a> {
             }
             Event::Exited { pid, status } => self.on_exit(pid, status),
             Event::Prepared { name, gen, result } => self.on_prepared(&name, gen, result),
+            Event::Health { name, gen, result } => self.on_health(&name, gen, result),
             Event::Answering { name, gen } => {
                 if let Some(s) = self.slots.get_mut(&name).filter(|s| s.gen == gen) {
                     s.answering = true;
@@ -736,6 +755,42 @@ impl<'a> Supervisor<'a> {
                 true
             }
         }
+    }
+
+    /// A health probe's result: counted; `failures` in a row kill the
+    /// process (its whole cgroup), and the restart policy takes it from
+    /// there (the kill counts as a failure).
+    fn on_health(&mut self, name: &str, gen: u64, result: Result<(), String>) -> bool {
+        let Some(s) = self
+            .slots
+            .get_mut(name)
+            .filter(|s| s.gen == gen && matches!(s.state, State::Running { .. }))
+        else {
+            return false;
+        };
+        let before = (s.health_state, s.health_failures);
+        match result {
+            Ok(()) => {
+                s.health_state = "healthy";
+                s.health_failures = 0;
+            }
+            Err(e) => {
+                s.health_failures += 1;
+                let limit = s.w.health().map_or(u32::MAX, |h| h.failures);
+                tracing::warn!(workload = %name, failures = s.health_failures, limit, "health check failed: {e}");
+                s.health_error = Some(e);
+                if s.health_failures >= limit {
+                    s.health_state = "unhealthy";
+                    s.unhealthy_restarts += 1;
+                    tracing::error!(workload = %name, failures = s.health_failures, "unhealthy: killing it (the restart policy decides what follows)");
+                    if let Some(a) = s.health_alive.take() {
+                        a.store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    s.w.kill();
+                }
+            }
+        }
+        before != (s.health_state, s.health_failures)
     }
 
     /// Verifies and applies manifest bytes from `source` (`hub` or `seed`).
@@ -1330,6 +1385,11 @@ impl<'a> Supervisor<'a> {
                 replacement: None,
                 answering: false,
                 started_once: false,
+                health_alive: None,
+                health_state: "starting",
+                health_failures: 0,
+                health_error: None,
+                unhealthy_restarts: 0,
             },
         );
         self.prepare(&name);
@@ -1423,6 +1483,23 @@ impl<'a> Supervisor<'a> {
                 s.error = None;
                 s.answering = false;
                 s.started_once = true;
+                if let Some(h) = s.w.health() {
+                    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                    let (tx, n, gen) = (self.tx.clone(), name.to_string(), s.gen);
+                    crate::health::spawn(name, h, st.address, alive.clone(), move |result| {
+                        tx.send(Event::Health {
+                            name: n.clone(),
+                            gen,
+                            result,
+                        })
+                        .is_ok()
+                    });
+                    if let Some(old) = s.health_alive.replace(alive) {
+                        old.store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    s.health_state = "starting";
+                    s.health_failures = 0;
+                }
                 // Probed the way clients come: the published port on the
                 // node's own address (DNAT from the node itself).
                 if let Some(p) = s.w.ports().into_iter().find(|p| p.protocol == "tcp") {
@@ -1455,6 +1532,9 @@ impl<'a> Supervisor<'a> {
         };
         s.remove = remove;
         s.replacement = replacement;
+        if let Some(a) = s.health_alive.take() {
+            a.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         match s.state {
             State::Running { pid, .. } => {
                 // SAFETY: signalling a child we started.
@@ -1502,6 +1582,9 @@ impl<'a> Supervisor<'a> {
         let (what, success) = describe_exit(status);
         let s = self.slots.get_mut(&name).expect("found above");
         s.last_exit = Some(what.clone());
+        if let Some(a) = s.health_alive.take() {
+            a.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         if let State::Stopping { .. } = s.state {
             tracing::info!(workload = %name, pid, "stopped: {what}");
             self.finish_stop(&name);
@@ -1649,6 +1732,13 @@ impl<'a> Supervisor<'a> {
                     "error": s.error,
                     "address": s.address.map(|a| a.to_string()),
                     "answering": s.answering,
+                    "health": s.w.health().map(|h| json!({
+                        "kind": h.kind,
+                        "state": s.health_state,
+                        "failures": s.health_failures,
+                        "last_error": s.health_error,
+                        "unhealthy_restarts": s.unhealthy_restarts,
+                    })),
                 })
             })
             .collect();

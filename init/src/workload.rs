@@ -35,6 +35,10 @@ pub trait Workload: Send + Sync {
     fn kill(&self);
     /// Kills it and removes its state: it is being removed or replaced.
     fn cleanup(&self);
+    /// Its health check, if it has one.
+    fn health(&self) -> Option<cairn_manifest::HealthCheck> {
+        None
+    }
     /// Image digests it needs kept in the store (layer GC spares them).
     fn images(&self) -> Vec<String> {
         Vec::new()

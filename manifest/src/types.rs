@@ -335,6 +335,58 @@ pub struct ContainerSpec {
     /// Persistent volumes on the state volume, bind-mounted in.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeMount>,
+    /// A health check; a workload that fails it `failures` times in a row
+    /// is killed and restarted as its restart policy says.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// How a workload's health is probed from the node, on its own address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `http` (a GET that must answer 2xx or 3xx) or `tcp` (a connection).
+    pub kind: HealthKind,
+    /// The workload's own port (not a published one).
+    pub port: u16,
+    /// Path for `http`.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Seconds between probes.
+    #[serde(default = "default_health_interval")]
+    pub interval_s: u32,
+    /// Seconds a probe may take.
+    #[serde(default = "default_health_timeout")]
+    pub timeout_s: u32,
+    /// Failed probes in a row that make it unhealthy.
+    #[serde(default = "default_health_failures")]
+    pub failures: u32,
+    /// Seconds after a start before the first probe.
+    #[serde(default)]
+    pub grace_s: u32,
+}
+
+/// Health probe kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthKind {
+    /// HTTP GET.
+    Http,
+    /// TCP connect.
+    Tcp,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_interval() -> u32 {
+    5
+}
+fn default_health_timeout() -> u32 {
+    2
+}
+fn default_health_failures() -> u32 {
+    3
 }
 
 /// A named persistent directory (on the state volume, in RAM without one)
@@ -499,6 +551,14 @@ pub enum SpecError {
     /// A `[storage]` rule that cannot be applied safely.
     #[error("storage: {0}")]
     BadStorage(String),
+    /// A health check that cannot be run.
+    #[error("{workload}: health: {problem}")]
+    BadHealth {
+        /// Workload.
+        workload: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// An `[os]` section that cannot be installed.
     #[error("os: {0}")]
     BadOs(String),
@@ -609,6 +669,30 @@ impl Manifest {
         };
         for c in &self.containers {
             check_image(&c.name, &c.image)?;
+            if let Some(h) = &c.health {
+                let problem = if h.port == 0 {
+                    Some("port 0")
+                } else if !h.path.starts_with('/')
+                    || h.path.len() > 256
+                    || h.path.bytes().any(|b| !(0x21..0x7f).contains(&b))
+                {
+                    Some("path must start with / and be printable ASCII without spaces")
+                } else if !(1..=3600).contains(&h.interval_s) {
+                    Some("interval_s must be 1..=3600")
+                } else if !(1..=60).contains(&h.timeout_s) {
+                    Some("timeout_s must be 1..=60")
+                } else if !(1..=100).contains(&h.failures) {
+                    Some("failures must be 1..=100")
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    return Err(SpecError::BadHealth {
+                        workload: c.name.clone(),
+                        problem: p.into(),
+                    });
+                }
+            }
             for v in &c.volumes {
                 let bad_path = !v.path.starts_with('/')
                     || v.path == "/"

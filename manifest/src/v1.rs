@@ -205,6 +205,7 @@ impl From<Manifest> for crate::Manifest {
                     cpu_millis: c.cpu_millis,
                     pids_max: c.pids_max,
                     volumes: Vec::new(),
+                    health: None,
                 })
                 .collect(),
             vms: m

@@ -14,7 +14,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,8 @@ struct State {
     host: String,
     instance: String,
     requests: AtomicU64,
+    /// Set by `/sick`: `/healthz` fails from then on (this instance only).
+    sick: AtomicBool,
 }
 
 /// One answer.
@@ -72,6 +74,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        503 => "Service Unavailable",
         431 => "Request Header Fields Too Large",
         _ => "Unknown",
     }
@@ -89,7 +92,13 @@ fn route(state: &State, method: &str, target: &str) -> Response {
                 state.host, state.instance, n
             ),
         ),
+        ("GET", "/healthz") if state.sick.load(Ordering::Relaxed) => Response::text(503, "sick\n"),
         ("GET", "/healthz") => Response::text(200, "ok\n"),
+        // Health-check demos: this instance reports unhealthy from now on.
+        ("GET", "/sick") => {
+            state.sick.store(true, Ordering::Relaxed);
+            Response::text(200, "sick from now on\n")
+        }
         ("GET", "/fetch") => {
             let to = target.split_once("?to=").map_or("", |(_, q)| q);
             match fetch(to) {
@@ -266,6 +275,7 @@ fn main() {
         host: hostname(),
         instance: instance_id(),
         requests: AtomicU64::new(0),
+        sick: AtomicBool::new(false),
     });
     let listener = match TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
@@ -336,6 +346,7 @@ mod tests {
             host: "node1".into(),
             instance: "abc".into(),
             requests: AtomicU64::new(0),
+            sick: AtomicBool::new(false),
         }
     }
 
@@ -386,6 +397,14 @@ mod tests {
             r.body,
             "hello from cairn: host=node1 instance=abc requests=3\n"
         );
+    }
+
+    #[test]
+    fn sick_makes_healthz_fail() {
+        let s = state();
+        assert_eq!(route(&s, "GET", "/healthz").status, 200);
+        assert_eq!(route(&s, "GET", "/sick").status, 200);
+        assert_eq!(route(&s, "GET", "/healthz").status, 503);
     }
 
     #[test]

@@ -1,0 +1,77 @@
+//! End to end: a health check. `web` is probed over HTTP on its own
+//! address every second; after `/sick` its `/healthz` answers 503, two
+//! failures in a row make it unhealthy, PID 1 kills it and the restart
+//! policy brings up a fresh (healthy) instance.
+
+use anyhow::{Context, Result};
+use cairn_e2e::{answering, inputs_or_skip, workload, Scenario, NODE};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn instance(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_failing_health_check_restarts_the_workload() -> Result<()> {
+    let Some(inp) = inputs_or_skip() else {
+        return Ok(());
+    };
+    let mut sc = Scenario::setup(&inp)?;
+    let health = r#"health = { kind = "http", port = 80, path = "/healthz", interval_s = 1, timeout_s = 1, failures = 2 }"#;
+    sc.publish(NODE, &sc.sign("v1", &sc.manifest(1, health))?)?;
+    sc.boot()?;
+    let mut st = Value::Null;
+    sc.net.wait_until(
+        "web to answer and be healthy",
+        Duration::from_secs(300),
+        || {
+            st = sc.status()?;
+            Ok(answering(&st, "web")
+                && workload(&st, "web").is_some_and(|w| w["health"]["state"] == "healthy"))
+        },
+    )?;
+    let ip = st["addresses"][0]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("node address")?
+        .to_string();
+    let url = format!("http://{ip}:8080/");
+    let (_, body) = sc.net.http_get(&url)?;
+    let first = instance(&body).context("instance id")?;
+    let (code, _) = sc.net.http_get(&format!("http://{ip}:8080/sick"))?;
+    assert_eq!(code, 200);
+    let t0 = Instant::now();
+    sc.net.wait_until(
+        "web to be killed as unhealthy and come back healthy",
+        Duration::from_secs(120),
+        || {
+            st = sc.status()?;
+            let Some(w) = workload(&st, "web") else {
+                return Ok(false);
+            };
+            Ok(w["health"]["unhealthy_restarts"] == 1
+                && w["health"]["state"] == "healthy"
+                && w["restarts"].as_u64().unwrap_or(0) >= 1)
+        },
+    )?;
+    let (_, body) = sc.net.http_get(&url)?;
+    let second = instance(&body).context("instance id")?;
+    println!(
+        "unhealthy -> restarted -> healthy in {:.1} s; instance {first} -> {second}; {}",
+        t0.elapsed().as_secs_f64(),
+        workload(&st, "web")
+            .map(|w| w["health"].clone())
+            .unwrap_or_default()
+    );
+    assert_ne!(first, second, "a new instance answers");
+    assert!(workload(&st, "web").unwrap()["health"]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("HTTP 503")));
+    // peer has no health check: nothing reported, never restarted.
+    assert!(workload(&st, "peer").unwrap()["health"].is_null());
+    assert_eq!(workload(&st, "peer").unwrap()["restarts"], 0);
+    Ok(())
+}
