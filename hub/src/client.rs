@@ -64,6 +64,10 @@ pub struct Fetched {
     pub manifest_version: Option<u64>,
     /// The `x-sha256` header, if any.
     pub sha256: Option<String>,
+    /// The `x-log-start` and `x-log-end` headers (log reads), if any.
+    pub log_start: Option<u64>,
+    /// See `log_start`.
+    pub log_end: Option<u64>,
 }
 
 impl HubClient {
@@ -109,6 +113,8 @@ impl HubClient {
         let manifest_version =
             header(crate::server::MANIFEST_VERSION_HEADER).and_then(|v| v.parse().ok());
         let sha256 = header(crate::server::SHA256_HEADER);
+        let log_start = header("x-log-start").and_then(|v| v.parse().ok());
+        let log_end = header("x-log-end").and_then(|v| v.parse().ok());
         let body = res
             .body_mut()
             .with_config()
@@ -134,6 +140,8 @@ impl HubClient {
             body,
             manifest_version,
             sha256,
+            log_start,
+            log_end,
         })
     }
 
@@ -180,6 +188,32 @@ impl HubClient {
         let url = self.url(&format!("/v1/nodes/{node}/status"));
         let res = self.agent.post(&url).send_json(status);
         self.finish("POST", url, res).map(drop)
+    }
+
+    /// `POST /v1/nodes/{node}/logs/{name}`: ship new log bytes.
+    pub fn post_log(&self, node: &str, name: &str, bytes: &[u8]) -> Result<(), ClientError> {
+        check_node(node)?;
+        check_node(name)?;
+        let url = self.url(&format!("/v1/nodes/{node}/logs/{name}"));
+        let res = self.agent.post(&url).content_type("text/plain").send(bytes);
+        self.finish("POST", url, res).map(drop)
+    }
+
+    /// `GET /v1/nodes/{node}/logs/{name}?from=N`: bytes from offset `from`
+    /// (or from the oldest kept, when older ones were rotated away), the
+    /// offset just after them, and the log's end offset.
+    pub fn get_log(
+        &self,
+        node: &str,
+        name: &str,
+        from: u64,
+    ) -> Result<(Vec<u8>, u64, u64), ClientError> {
+        check_node(node)?;
+        check_node(name)?;
+        let f = self.get(&format!("/v1/nodes/{node}/logs/{name}?from={from}"))?;
+        let next = f.log_start.unwrap_or(from) + f.body.len() as u64;
+        let end = f.log_end.unwrap_or(next);
+        Ok((f.body, next, end))
     }
 
     /// `GET /v1/nodes`: the records as loose JSON.

@@ -32,6 +32,9 @@ use tokio::io::AsyncWriteExt;
 pub const MANIFEST_LIMIT: usize = 1 << 20;
 /// Largest status document accepted.
 pub const STATUS_LIMIT: usize = 1 << 20;
+/// Largest log chunk a node may ship in one request, and the most a read
+/// returns.
+pub const LOG_LIMIT: usize = 1 << 20;
 /// Default largest boot file accepted (files are served from memory).
 pub const DEFAULT_BOOT_LIMIT: u64 = 512 << 20;
 /// Response header carrying the served manifest's version.
@@ -181,6 +184,12 @@ pub fn router(store: Arc<Store>, boot_limit: u64) -> Router {
         .route(
             "/v1/nodes/{node}/status",
             axum::routing::post(post_status).layer(DefaultBodyLimit::max(STATUS_LIMIT)),
+        )
+        .route(
+            "/v1/nodes/{node}/logs/{name}",
+            get(get_log)
+                .post(post_log)
+                .layer(DefaultBodyLimit::max(LOG_LIMIT)),
         )
         .route("/boot/{file}", get(get_boot).put(put_boot))
         .route("/ipxe", get(get_ipxe_chain))
@@ -397,6 +406,59 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A node ships new lines of one of its logs (a workload's, or
+/// `cairn-init` for PID 1's own).
+async fn post_log(
+    State(st): State<AppState>,
+    Path((node, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_node(&node)?;
+    check_node(&name)
+        .map_err(|_| ApiError::bad_request(format!("log name {name:?} is not a workload name")))?;
+    let bytes = body.map_err(|r| ApiError::body(r, LOG_LIMIT))?;
+    let end = blocking(move || st.store.append_log(&node, &name, &bytes)).await?;
+    Ok(Json(serde_json::json!({ "end": end })).into_response())
+}
+
+/// `GET …/logs/NAME?from=N`: up to 1 MiB from offset N, with the offsets
+/// in `x-log-start` / `x-log-end` (a follower asks again from the end).
+async fn get_log(
+    State(st): State<AppState>,
+    Path((node, name)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    check_node(&node)?;
+    check_node(&name)
+        .map_err(|_| ApiError::bad_request(format!("log name {name:?} is not a workload name")))?;
+    let from = match uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from=")))
+    {
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request(format!("from={v:?} is not an offset")))?,
+        None => 0,
+    };
+    let (n, w) = (node.clone(), name.clone());
+    match blocking(move || st.store.read_log(&n, &w, from, LOG_LIMIT as u64)).await? {
+        Some((start, bytes, end)) => {
+            let mut r = Response::new(Body::from(bytes));
+            let h = r.headers_mut();
+            h.insert("x-log-start", HeaderValue::from(start));
+            h.insert("x-log-end", HeaderValue::from(end));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        None => Err(ApiError::not_found(format!(
+            "node {node:?} has shipped no log named {name:?}"
+        ))),
     }
 }
 

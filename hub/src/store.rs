@@ -198,7 +198,16 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Serialises log appends and rotations.
+    logs: std::sync::Mutex<()>,
 }
+
+/// Where nodes' shipped logs live: `logs/<node>/<name>.log`, plus
+/// `<name>.base` (bytes rotated away before the current file) and one
+/// rotated generation `<name>.log.1`.
+const LOGS: &str = "logs";
+/// A node's log for one name is rotated beyond this.
+pub const LOG_CAP: u64 = 8 << 20;
 
 impl Store {
     /// Opens (creating if needed) a data directory and removes temporary
@@ -217,12 +226,87 @@ impl Store {
         }
         Ok(Store {
             root: root.to_path_buf(),
+            logs: std::sync::Mutex::new(()),
         })
     }
 
     /// The data directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn log_paths(&self, node: &str, name: &str) -> Result<(PathBuf, PathBuf), StoreError> {
+        check_node(node)?;
+        check_node(name)?;
+        let dir = self.root.join(LOGS).join(node);
+        Ok((
+            dir.join(format!("{name}.log")),
+            dir.join(format!("{name}.base")),
+        ))
+    }
+
+    fn log_base(base: &Path) -> u64 {
+        fs::read_to_string(base)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Appends bytes a node shipped for log `name`; returns the log's end
+    /// offset (offsets count every byte ever shipped, across rotations).
+    pub fn append_log(&self, node: &str, name: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+        use std::io::Write;
+        let (path, base) = self.log_paths(node, name)?;
+        let _guard = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = path.parent().expect("log path has a directory");
+        fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+        let mut size = fs::metadata(&path).map_or(0, |m| m.len());
+        let mut start = Self::log_base(&base);
+        if size + bytes.len() as u64 > LOG_CAP && size > 0 {
+            let old = path.with_extension("log.1");
+            fs::rename(&path, &old).map_err(io_err("rotating", &path))?;
+            start += size;
+            size = 0;
+            write_atomic(&base, start.to_string().as_bytes())?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        f.write_all(bytes).map_err(io_err("appending to", &path))?;
+        Ok(start + size + bytes.len() as u64)
+    }
+
+    /// Up to `max` bytes of log `name` from offset `from` (older bytes
+    /// that were rotated away start at the oldest kept); returns (the
+    /// offset of the first byte returned, the bytes, the end offset), or
+    /// `None` when the node never shipped that log.
+    pub fn read_log(
+        &self,
+        node: &str,
+        name: &str,
+        from: u64,
+        max: u64,
+    ) -> Result<Option<(u64, Vec<u8>, u64)>, StoreError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (path, base) = self.log_paths(node, name)?;
+        let _guard = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let start = Self::log_base(&base);
+        let size = f.metadata().map_err(io_err("reading", &path))?.len();
+        let at = from.clamp(start, start + size);
+        f.seek(SeekFrom::Start(at - start))
+            .map_err(io_err("reading", &path))?;
+        let mut out = Vec::new();
+        f.take(max)
+            .read_to_end(&mut out)
+            .map_err(io_err("reading", &path))?;
+        Ok(Some((at, out, start + size)))
     }
 
     fn manifest_path(&self, node: &str) -> Result<PathBuf, StoreError> {

@@ -43,3 +43,17 @@ pub fn post_status(hub: &str, node: &str, status: &serde_json::Value) -> Result<
         s => Err(format!("hub answered HTTP {s} to a status report")),
     }
 }
+
+/// Ships new bytes of log `name` (a workload's, or `cairn-init`).
+pub fn post_log(hub: &str, node: &str, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let url = format!("{hub}/v1/nodes/{node}/logs/{name}");
+    let resp = agent()
+        .post(&url)
+        .content_type("text/plain")
+        .send(bytes)
+        .map_err(|e| format!("shipping log {name} to {url}: {e}"))?;
+    match resp.status().as_u16() {
+        200..=299 => Ok(()),
+        s => Err(format!("hub answered HTTP {s} to log {name}")),
+    }
+}

@@ -101,6 +101,80 @@ pub fn dir() -> PathBuf {
     Path::new(crate::container::STATE_ROOT).join("logs")
 }
 
+/// Where the shipper remembers how far each log reached the hub.
+const SHIPPED: &str = ".shipped.json";
+/// At most this much of one log per request.
+const SHIP_CHUNK: u64 = 256 * 1024;
+
+/// Ships every log in [`dir`] to the hub, every 2 s, from where the last
+/// shipment ended (offsets kept beside the logs, so a reboot neither
+/// repeats nor skips lines). A rotated file starts again from 0: lines
+/// written to the old file after the last shipment are not shipped.
+pub fn spawn_shipper(hub: String, node: String) {
+    use std::os::unix::fs::MetadataExt;
+    let _ = std::thread::Builder::new()
+        .name("log-ship".into())
+        .spawn(move || {
+            let state = dir().join(SHIPPED);
+            let mut shipped: std::collections::BTreeMap<String, (u64, u64)> = std::fs::read(&state)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                let mut changed = false;
+                let Ok(rd) = std::fs::read_dir(dir()) else {
+                    continue;
+                };
+                let mut names: Vec<String> = rd
+                    .flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".log")
+                            .map(str::to_string)
+                    })
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                names.sort();
+                'files: for name in names {
+                    let path = dir().join(format!("{name}.log"));
+                    let Ok(meta) = std::fs::metadata(&path) else {
+                        continue;
+                    };
+                    let (ino, mut off) = shipped.get(&name).copied().unwrap_or((meta.ino(), 0));
+                    if ino != meta.ino() || meta.len() < off {
+                        off = 0;
+                    }
+                    while off < meta.len() {
+                        let mut buf = Vec::new();
+                        let read = std::fs::File::open(&path).and_then(|f| {
+                            use std::io::{Read, Seek, SeekFrom};
+                            let mut f = f;
+                            f.seek(SeekFrom::Start(off))?;
+                            f.take(SHIP_CHUNK).read_to_end(&mut buf)
+                        });
+                        if read.is_err() || buf.is_empty() {
+                            break;
+                        }
+                        if let Err(e) = crate::hub::post_log(&hub, &node, &name, &buf) {
+                            tracing::debug!("{e}");
+                            break 'files; // the hub is away: try again later
+                        }
+                        off += buf.len() as u64;
+                        shipped.insert(name.clone(), (meta.ino(), off));
+                        changed = true;
+                    }
+                }
+                if changed {
+                    if let Ok(b) = serde_json::to_vec(&shipped) {
+                        let _ = cairn_storage::files::write_atomic(&state, &b);
+                    }
+                }
+            }
+        });
+}
+
 /// PID 1's own log file, once the state volume is up.
 static OWN: Mutex<Option<LogFile>> = Mutex::new(None);
 

@@ -417,6 +417,7 @@ pub fn run_forever(
     match cfg.hub.clone() {
         Some(hub) => {
             spawn_poller(hub.clone(), node.clone(), cfg.poll, tx.clone());
+            crate::logs::spawn_shipper(hub.clone(), node.clone());
             spawn_status_sender(hub, node.clone(), status_rx);
         }
         None if seeded => {

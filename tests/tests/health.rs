@@ -1,10 +1,12 @@
-//! End to end: a health check. `web` is probed over HTTP on its own
-//! address every second; after `/sick` its `/healthz` answers 503, two
-//! failures in a row make it unhealthy, PID 1 kills it and the restart
-//! policy brings up a fresh (healthy) instance.
+//! End to end: a health check, and logs through the hub. `web` is probed
+//! over HTTP on its own address every second; after `/sick` its `/healthz`
+//! answers 503, two failures in a row make it unhealthy, PID 1 kills it and
+//! the restart policy brings up a fresh (healthy) instance. Both
+//! instances' output, and PID 1's account of it, come back through
+//! `cairnctl logs`; `-f` follows a third start.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{answering, inputs_or_skip, workload, Scenario, NODE};
+use cairn_e2e::{answering, inputs_or_skip, run, workload, Scenario, NODE};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -73,5 +75,54 @@ fn a_failing_health_check_restarts_the_workload() -> Result<()> {
     // peer has no health check: nothing reported, never restarted.
     assert!(workload(&st, "peer").unwrap()["health"].is_null());
     assert_eq!(workload(&st, "peer").unwrap()["restarts"], 0);
+
+    // Logs, as the node shipped them to the hub.
+    let ctl = sc.tools.join("cairnctl");
+    let logs = |name: &str| {
+        run(sc
+            .net
+            .cmd(&ctl)
+            .args(["logs", "--hub", &sc.hub, NODE, name]))
+    };
+    sc.net.wait_until(
+        "both instances' output in cairnctl logs",
+        Duration::from_secs(30),
+        || {
+            let out = logs("web")?;
+            Ok(out.contains(&format!("instance={first}"))
+                && out.contains(&format!("instance={second}")))
+        },
+    )?;
+    let own = logs("cairn-init")?;
+    assert!(
+        own.contains("unhealthy: killing it"),
+        "PID 1's log says why"
+    );
+    let out_file = sc.net.dir.path().join("follow.out");
+    let mut follow = sc.net.cmd(&ctl);
+    follow
+        .args(["logs", "-f", "--hub", &sc.hub, NODE, "web"])
+        .stdout(std::fs::File::create(&out_file)?);
+    let mut child = follow.spawn()?;
+    let _ = sc.net.http_get(&format!("http://{ip}:8080/exit"));
+    let followed = sc.net.wait_until(
+        "cairnctl logs -f to show the next instance start",
+        Duration::from_secs(60),
+        || {
+            Ok(std::fs::read_to_string(&out_file)?
+                .matches("hello: listening")
+                .count()
+                >= 3)
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    followed?;
+    let shown = std::fs::read_to_string(&out_file)?;
+    println!(
+        "cairnctl logs -f web: {} lines, last: {}",
+        shown.lines().count(),
+        shown.lines().last().unwrap_or_default()
+    );
     Ok(())
 }

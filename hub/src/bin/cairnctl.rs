@@ -70,6 +70,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a workload's log (or the node's own: `cairn-init`) as the node
+    /// shipped it to the hub; `-f` keeps following it.
+    Logs {
+        /// Hub URL (default: $CAIRN_HUB, else http://127.0.0.1:7400).
+        #[arg(long)]
+        hub: Option<String>,
+        /// Node name.
+        node: String,
+        /// Workload name, or `cairn-init` for the node's own log.
+        workload: String,
+        /// Keep printing new lines as they arrive.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Show one node's latest status as JSON.
     Status {
         /// Hub URL (default: $CAIRN_HUB, else http://127.0.0.1:7400).
@@ -201,6 +215,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", cairn_hub::fleet::table(&nodes, now_unix()));
             }
             Ok(())
+        }
+        Cmd::Logs {
+            hub: h,
+            node,
+            workload,
+            follow,
+        } => {
+            use std::io::Write;
+            let client = hub(h);
+            let mut at = 0;
+            let mut out = std::io::stdout();
+            loop {
+                let (bytes, next, end) = client.get_log(&node, &workload, at)?;
+                out.write_all(&bytes)?;
+                out.flush()?;
+                at = next;
+                if !bytes.is_empty() && at < end {
+                    continue;
+                }
+                if !follow {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
         }
         Cmd::Status { hub: h, node } => {
             let rec = hub(h).node(&node)?;
