@@ -199,6 +199,17 @@ impl Workload for Container {
         self.spec.health.clone()
     }
 
+    fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.cgroup().join("memory.events"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     fn prepare(&self) -> Result<String, String> {
         let store = Store::new(STATE_ROOT).with_seed(crate::oci::SEED_BLOBS);
         let img = store.pull(&self.spec.image).map_err(|e| e.to_string())?;

@@ -597,6 +597,8 @@ struct Slot {
     health_error: Option<String>,
     /// Times it was killed for failing its health check.
     unhealthy_restarts: u32,
+    /// OOM kills seen in its cgroup (the counter is the cgroup's).
+    oom_kills: u64,
 }
 
 struct Supervisor<'a> {
@@ -1391,6 +1393,7 @@ impl<'a> Supervisor<'a> {
                 health_failures: 0,
                 health_error: None,
                 unhealthy_restarts: 0,
+                oom_kills: 0,
             },
         );
         self.prepare(&name);
@@ -1580,8 +1583,16 @@ impl<'a> Supervisor<'a> {
             tracing::debug!(pid, "reaped an orphan");
             return false;
         };
-        let (what, success) = describe_exit(status);
+        let (mut what, success) = describe_exit(status);
         let s = self.slots.get_mut(&name).expect("found above");
+        // The kernel's OOM killer leaves a count in the cgroup, not in
+        // the exit status: compare it with what was seen before.
+        let ooms = s.w.oom_kills();
+        if ooms > s.oom_kills {
+            what = format!("{what}; OOM-killed (its memory limit was reached)");
+            tracing::error!(workload = %name, oom_kills = ooms, "out of memory: the kernel killed it");
+            s.oom_kills = ooms;
+        }
         s.last_exit = Some(what.clone());
         if let Some(a) = s.health_alive.take() {
             a.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1729,6 +1740,7 @@ impl<'a> Supervisor<'a> {
                     "state": s.state.name(),
                     "pid": match s.state { State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid), _ => None },
                     "restarts": s.restarts,
+                    "oom_kills": s.oom_kills,
                     "last_exit": s.last_exit,
                     "error": s.error,
                     "address": s.address.map(|a| a.to_string()),

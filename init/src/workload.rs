@@ -35,6 +35,10 @@ pub trait Workload: Send + Sync {
     fn kill(&self);
     /// Kills it and removes its state: it is being removed or replaced.
     fn cleanup(&self);
+    /// OOM kills in its cgroup so far (cgroup v2 `memory.events`).
+    fn oom_kills(&self) -> u64 {
+        0
+    }
     /// Its health check, if it has one.
     fn health(&self) -> Option<cairn_manifest::HealthCheck> {
         None

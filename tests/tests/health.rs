@@ -3,7 +3,9 @@
 //! answers 503, two failures in a row make it unhealthy, PID 1 kills it and
 //! the restart policy brings up a fresh (healthy) instance. Both
 //! instances' output, and PID 1's account of it, come back through
-//! `cairnctl logs`; `-f` follows a third start.
+//! `cairnctl logs`; `-f` follows a third start. Last, `/hog` allocates
+//! past `memory_mib`: the kernel kills it, PID 1 reports the OOM kill and
+//! restarts it.
 
 use anyhow::{Context, Result};
 use cairn_e2e::{answering, inputs_or_skip, run, workload, Scenario, NODE};
@@ -22,7 +24,8 @@ fn a_failing_health_check_restarts_the_workload() -> Result<()> {
         return Ok(());
     };
     let mut sc = Scenario::setup(&inp)?;
-    let health = r#"health = { kind = "http", port = 80, path = "/healthz", interval_s = 1, timeout_s = 1, failures = 2 }"#;
+    let health = r#"health = { kind = "http", port = 80, path = "/healthz", interval_s = 1, timeout_s = 1, failures = 2 }
+memory_mib = 48"#;
     sc.publish(NODE, &sc.sign("v1", &sc.manifest(1, health))?)?;
     sc.boot()?;
     let mut st = Value::Null;
@@ -124,5 +127,23 @@ fn a_failing_health_check_restarts_the_workload() -> Result<()> {
         shown.lines().count(),
         shown.lines().last().unwrap_or_default()
     );
+
+    // Out of memory: the kernel kills it at its 48 MiB limit.
+    let _ = sc.net.http_get(&format!("http://{ip}:8080/hog"));
+    sc.net.wait_until(
+        "web's OOM kill to be reported and web back",
+        Duration::from_secs(90),
+        || {
+            st = sc.status()?;
+            Ok(workload(&st, "web").is_some_and(|w| {
+                w["oom_kills"] == 1
+                    && w["last_exit"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("OOM-killed"))
+            }) && answering(&st, "web"))
+        },
+    )?;
+    println!("OOM: {}", workload(&st, "web").unwrap()["last_exit"]);
+    assert_eq!(workload(&st, "peer").unwrap()["oom_kills"], 0);
     Ok(())
 }

@@ -94,6 +94,19 @@ fn route(state: &State, method: &str, target: &str) -> Response {
         ),
         ("GET", "/healthz") if state.sick.load(Ordering::Relaxed) => Response::text(503, "sick\n"),
         ("GET", "/healthz") => Response::text(200, "ok\n"),
+        // Memory-limit demos: allocate (and touch) memory until the kernel
+        // kills this process. Never answers.
+        ("GET", "/hog") => {
+            eprintln!("hello: allocating memory until killed");
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let mut chunk = vec![0u8; 1 << 20];
+                for b in chunk.iter_mut().step_by(4096) {
+                    *b = 1;
+                }
+                hoard.push(std::hint::black_box(chunk));
+            }
+        }
         // Health-check demos: this instance reports unhealthy from now on.
         ("GET", "/sick") => {
             state.sick.store(true, Ordering::Relaxed);
