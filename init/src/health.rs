@@ -50,8 +50,8 @@ pub fn probe(h: &HealthCheck, addr: Ipv4Addr) -> Result<(), String> {
     }
 }
 
-/// Probes every `interval_s` (after `grace_s`) until `alive` is cleared,
-/// reporting each result through `report`.
+/// Probes every `interval_s` until `alive` is cleared, reporting each
+/// result through `report` (the supervisor applies `grace_s`).
 pub fn spawn(
     name: &str,
     h: HealthCheck,
@@ -62,7 +62,6 @@ pub fn spawn(
     let _ = std::thread::Builder::new()
         .name(format!("health-{name}"))
         .spawn(move || {
-            std::thread::sleep(Duration::from_secs(u64::from(h.grace_s)));
             while alive.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_secs(u64::from(h.interval_s)));
                 if !alive.load(Ordering::SeqCst) {
@@ -87,7 +86,7 @@ mod tests {
             interval_s: 1,
             timeout_s: 1,
             failures: 2,
-            grace_s: 0,
+            grace_s: 10,
         }
     }
 

@@ -778,8 +778,20 @@ impl<'a> Supervisor<'a> {
                 s.health_failures = 0;
             }
             Err(e) => {
+                let h = s.w.health();
+                let grace = Duration::from_secs(u64::from(h.as_ref().map_or(0, |h| h.grace_s)));
+                let since = match s.state {
+                    State::Running { since, .. } => since.elapsed(),
+                    _ => Duration::ZERO,
+                };
+                // Still starting (no success yet) within its grace: not
+                // a failure yet.
+                if s.health_state == "starting" && since < grace {
+                    s.health_error = Some(e);
+                    return false;
+                }
                 s.health_failures += 1;
-                let limit = s.w.health().map_or(u32::MAX, |h| h.failures);
+                let limit = h.map_or(u32::MAX, |h| h.failures);
                 tracing::warn!(workload = %name, failures = s.health_failures, limit, "health check failed: {e}");
                 s.health_error = Some(e);
                 if s.health_failures >= limit {

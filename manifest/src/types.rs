@@ -361,8 +361,9 @@ pub struct HealthCheck {
     /// Failed probes in a row that make it unhealthy.
     #[serde(default = "default_health_failures")]
     pub failures: u32,
-    /// Seconds after a start before the first probe.
-    #[serde(default)]
+    /// Seconds after a start in which failed probes do not count, until
+    /// the first success (a slow start is not a failure).
+    #[serde(default = "default_health_grace")]
     pub grace_s: u32,
 }
 
@@ -387,6 +388,9 @@ fn default_health_timeout() -> u32 {
 }
 fn default_health_failures() -> u32 {
     3
+}
+fn default_health_grace() -> u32 {
+    10
 }
 
 /// A named persistent directory (on the state volume, in RAM without one)

@@ -282,13 +282,16 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
         "v4",
         &sc.manifest(4, "env = [{ name = \"GREETING\", value = \"v4\" }]"),
     )?;
+    let peer_pid = workload(&sc.status()?, "peer").context("peer")?["pid"].clone();
+    assert!(peer_pid.is_u64(), "peer runs: {peer_pid}");
     sc.publish(NODE, &v4)?;
     let mut third = None;
+    let mut st = serde_json::Value::Null;
     sc.net.wait_until(
         "v4 applied: web replaced, ghost removed",
         Duration::from_secs(60),
         || {
-            let st = sc.status()?;
+            st = sc.status()?;
             let (c, b) = sc.net.http_get(&url)?;
             third = instance(&b).filter(|i| c == 200 && *i != second);
             Ok(st["manifest"]["applied_version"] == 4
@@ -296,7 +299,13 @@ fn boot_manifest_container_restart_and_refusals() -> Result<()> {
                 && third.is_some())
         },
     )?;
-    println!("v4 applied: web replaced by a new instance, ghost removed");
+    // peer's definition did not change: the very same process runs on.
+    assert_eq!(
+        workload(&st, "peer").context("peer")?["pid"],
+        peer_pid,
+        "an unchanged workload keeps its pid across a manifest update"
+    );
+    println!("v4 applied: web replaced by a new instance, ghost removed, peer untouched (pid {peer_pid})");
 
     // 6. A compromised hub serves another node's (validly signed) manifest
     // under our name: the hub API refuses to file it, so it is written into

@@ -5,7 +5,7 @@
 //! instances' output, and PID 1's account of it, come back through
 //! `cairnctl logs`; `-f` follows a third start. Last, `/hog` allocates
 //! past `memory_mib`: the kernel kills it, PID 1 reports the OOM kill and
-//! restarts it.
+//! restarts it; and `/threads` asks for 500 threads under `pids_max = 40`.
 
 use anyhow::{Context, Result};
 use cairn_e2e::{answering, inputs_or_skip, run, workload, Scenario, NODE};
@@ -25,7 +25,8 @@ fn a_failing_health_check_restarts_the_workload() -> Result<()> {
     };
     let mut sc = Scenario::setup(&inp)?;
     let health = r#"health = { kind = "http", port = 80, path = "/healthz", interval_s = 1, timeout_s = 1, failures = 2 }
-memory_mib = 48"#;
+memory_mib = 48
+pids_max = 40"#;
     sc.publish(NODE, &sc.sign("v1", &sc.manifest(1, health))?)?;
     sc.boot()?;
     let mut st = Value::Null;
@@ -128,7 +129,42 @@ memory_mib = 48"#;
         shown.lines().last().unwrap_or_default()
     );
 
-    // Out of memory: the kernel kills it at its 48 MiB limit.
+    // A contained fork bomb: 500 threads asked for, the pids limit (40
+    // tasks in its cgroup) stops them; the node and the workload go on.
+    let (code, body) = sc
+        .net
+        .http_get(&format!("http://{ip}:8080/threads?n=500"))?;
+    println!("pids limit: {}", body.trim());
+    let started: u32 = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("started="))
+        .and_then(|n| n.parse().ok())
+        .context("started=")?;
+    assert_eq!(code, 200);
+    assert!(started < 40, "the pids limit held: {body}");
+    sc.net.wait_until(
+        "web to answer after its threads ended",
+        Duration::from_secs(30),
+        || Ok(sc.net.http_get(&url).is_ok_and(|(c, _)| c == 200)),
+    )?;
+
+    // Out of memory: the kernel kills it at its 48 MiB limit. (Version 2
+    // drops the health check first, so that a probe timing out while it
+    // allocates cannot kill it before the kernel does.)
+    sc.publish(
+        NODE,
+        &sc.sign("v2", &sc.manifest(2, "memory_mib = 48\npids_max = 40"))?,
+    )?;
+    sc.net.wait_until(
+        "version 2 (no health check) to run",
+        Duration::from_secs(60),
+        || {
+            st = sc.status()?;
+            Ok(st["manifest"]["applied_version"] == 2
+                && workload(&st, "web").is_some_and(|w| w["health"].is_null())
+                && answering(&st, "web"))
+        },
+    )?;
     let _ = sc.net.http_get(&format!("http://{ip}:8080/hog"));
     sc.net.wait_until(
         "web's OOM kill to be reported and web back",

@@ -94,6 +94,32 @@ fn route(state: &State, method: &str, target: &str) -> Response {
         ),
         ("GET", "/healthz") if state.sick.load(Ordering::Relaxed) => Response::text(503, "sick\n"),
         ("GET", "/healthz") => Response::text(200, "ok\n"),
+        // Task-limit demos (a contained fork bomb): start up to N threads
+        // that live 3 s; report how many the pids limit allowed.
+        ("GET", "/threads") => {
+            let want: u32 = target
+                .split_once("?n=")
+                .and_then(|(_, n)| n.parse().ok())
+                .unwrap_or(100)
+                .min(10_000);
+            let mut started = 0;
+            let mut error = String::new();
+            for _ in 0..want {
+                match std::thread::Builder::new()
+                    .spawn(|| std::thread::sleep(Duration::from_secs(3)))
+                {
+                    Ok(_) => started += 1,
+                    Err(e) => {
+                        error = e.to_string();
+                        break;
+                    }
+                }
+            }
+            Response::text(
+                200,
+                format!("threads started={started} of {want} {error}\n"),
+            )
+        }
         // Memory-limit demos: allocate (and touch) memory until the kernel
         // kills this process. Never answers.
         ("GET", "/hog") => {
@@ -312,11 +338,15 @@ fn main() {
         match conn {
             Ok(stream) => {
                 let state = Arc::clone(&state);
-                std::thread::spawn(move || {
+                // At a pids limit a thread may not start: drop that one
+                // connection, keep serving.
+                if let Err(e) = std::thread::Builder::new().spawn(move || {
                     if let Err(e) = handle(&state, stream) {
                         eprintln!("hello: connection error: {e}");
                     }
-                });
+                }) {
+                    eprintln!("hello: no thread for a connection: {e}");
+                }
             }
             Err(e) => eprintln!("hello: accept: {e}"),
         }

@@ -421,6 +421,16 @@ impl Netlink {
             .map_err(req(format!("attach link {index} to bridge {bridge}")))
     }
 
+    /// Sets a link's MAC address.
+    pub fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .address(mac.to_vec())
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(req(format!("set the MAC of link {index}")))
+    }
+
     /// Moves a link into the network namespace of a process.
     pub fn move_to_pid_netns(&self, index: u32, pid: u32) -> Result<(), NetError> {
         let msg = LinkUnspec::new_with_index(index).setns_by_pid(pid).build();

@@ -350,12 +350,25 @@ impl WorkloadNet {
                 .set_port_isolated(hi, true)
                 .map_err(|e| e.to_string())?;
         }
+        // The same MAC for the same address across restarts: neighbours
+        // (the node, other workloads) keep a valid ARP entry, instead of
+        // sending to the dead instance's MAC for seconds after a restart.
+        self.nl
+            .set_mac(pi, workload_mac(address))
+            .map_err(|e| e.to_string())?;
         self.nl
             .move_to_pid_netns(pi, pid)
             .map_err(|e| e.to_string())?;
         tracing::debug!(workload = name, %address, host, peer, "veth attached");
         Ok(())
     }
+}
+
+/// A workload's MAC, derived from its address: locally administered,
+/// unicast (`02:ca:` + the IPv4 address).
+pub fn workload_mac(a: Ipv4Addr) -> [u8; 6] {
+    let o = a.octets();
+    [0x02, 0xca, o[0], o[1], o[2], o[3]]
 }
 
 #[cfg(test)]
