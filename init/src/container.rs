@@ -199,6 +199,13 @@ impl Workload for Container {
         self.spec.health.clone()
     }
 
+    fn stop_signal(&self) -> (i32, std::time::Duration) {
+        (
+            cairn_manifest::stop_signal_number(&self.spec.stop_signal).unwrap_or(libc::SIGTERM),
+            std::time::Duration::from_secs(u64::from(self.spec.stop_timeout_s)),
+        )
+    }
+
     fn oom_kills(&self) -> u64 {
         std::fs::read_to_string(self.cgroup().join("memory.events"))
             .ok()

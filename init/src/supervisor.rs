@@ -70,7 +70,6 @@ const TRUST_DIR: &str = "/etc/cairn/keys";
 /// Where `cairn-image iso --seed-manifest` puts a signed manifest.
 pub const SEED_MANIFEST: &str = "/etc/cairn/seed/manifest";
 pub(crate) const BUILD_EPOCH: &str = "/etc/cairn/build-epoch";
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A fresh status report at least this often, changed or not.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -1553,11 +1552,12 @@ impl<'a> Supervisor<'a> {
         }
         match s.state {
             State::Running { pid, .. } => {
+                let (sig, timeout) = s.w.stop_signal();
                 // SAFETY: signalling a child we started.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                unsafe { libc::kill(pid as i32, sig) };
                 s.state = State::Stopping {
                     pid,
-                    deadline: Instant::now() + STOP_TIMEOUT,
+                    deadline: Instant::now() + timeout,
                     killed: false,
                 };
             }

@@ -35,6 +35,10 @@ pub trait Workload: Send + Sync {
     fn kill(&self);
     /// Kills it and removes its state: it is being removed or replaced.
     fn cleanup(&self);
+    /// The signal a stop sends first, and how long before SIGKILL.
+    fn stop_signal(&self) -> (i32, std::time::Duration) {
+        (libc::SIGTERM, std::time::Duration::from_secs(10))
+    }
     /// OOM kills in its cgroup so far (cgroup v2 `memory.events`).
     fn oom_kills(&self) -> u64 {
         0

@@ -339,6 +339,34 @@ pub struct ContainerSpec {
     /// is killed and restarted as its restart policy says.
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// The signal a stop sends first (`TERM`, `INT`, `QUIT`, `HUP`,
+    /// `USR1`, `USR2`); its whole cgroup is killed after `stop_timeout_s`.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Seconds between the stop signal and SIGKILL (1..=300).
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u32,
+}
+
+fn default_stop_signal() -> String {
+    "TERM".into()
+}
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+/// The signal number of a stop signal name, if it is one we allow.
+pub fn stop_signal_number(name: &str) -> Option<i32> {
+    // Linux x86-64 numbers (signal(7)); KILL is what follows the timeout.
+    Some(match name.trim_start_matches("SIG") {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        _ => return None,
+    })
 }
 
 /// How a workload's health is probed from the node, on its own address.
@@ -555,6 +583,14 @@ pub enum SpecError {
     /// A `[storage]` rule that cannot be applied safely.
     #[error("storage: {0}")]
     BadStorage(String),
+    /// A stop signal or timeout that cannot be used.
+    #[error("{workload}: {problem}")]
+    BadStop {
+        /// Workload.
+        workload: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A health check that cannot be run.
     #[error("{workload}: health: {problem}")]
     BadHealth {
@@ -673,6 +709,21 @@ impl Manifest {
         };
         for c in &self.containers {
             check_image(&c.name, &c.image)?;
+            if stop_signal_number(&c.stop_signal).is_none() {
+                return Err(SpecError::BadStop {
+                    workload: c.name.clone(),
+                    problem: format!(
+                        "stop_signal {:?} is not one of TERM, INT, QUIT, HUP, USR1, USR2",
+                        c.stop_signal
+                    ),
+                });
+            }
+            if !(1..=300).contains(&c.stop_timeout_s) {
+                return Err(SpecError::BadStop {
+                    workload: c.name.clone(),
+                    problem: format!("stop_timeout_s {} must be 1..=300", c.stop_timeout_s),
+                });
+            }
             if let Some(h) = &c.health {
                 let problem = if h.port == 0 {
                     Some("port 0")

@@ -206,6 +206,8 @@ impl From<Manifest> for crate::Manifest {
                     pids_max: c.pids_max,
                     volumes: Vec::new(),
                     health: None,
+                    stop_signal: "TERM".into(),
+                    stop_timeout_s: 10,
                 })
                 .collect(),
             vms: m

@@ -495,3 +495,51 @@ initramfs = {{ url = "http://h/i", sha256 = "sha256:{d}" }}
         assert!(with_os("2", "http://h/k", "sha256:xyz").is_err());
     }
 }
+
+#[cfg(test)]
+mod stop_tests {
+    use crate::types::*;
+
+    fn with(extra: &str) -> Result<Manifest, String> {
+        Manifest::from_toml(&format!(
+            r#"
+node = "n1"
+version = 1
+issued_at = 1
+expires_at = 2
+
+[[container]]
+name = "web"
+image = {{ registry = "r:5000", repository = "a/b", digest = "sha256:{d}", insecure = true }}
+{extra}
+"#,
+            d = "ab".repeat(32)
+        ))
+        .map_err(|e| e.to_string())
+        .and_then(|m| m.validate().map(|()| m).map_err(|e| e.to_string()))
+    }
+
+    #[test]
+    fn stop_signals_and_timeouts() {
+        let m = with("").unwrap();
+        assert_eq!(
+            (
+                m.containers[0].stop_signal.as_str(),
+                m.containers[0].stop_timeout_s
+            ),
+            ("TERM", 10)
+        );
+        assert_eq!(stop_signal_number("SIGINT"), Some(2));
+        assert_eq!(stop_signal_number("QUIT"), Some(3));
+        assert!(with("stop_signal = \"USR1\"\nstop_timeout_s = 30").is_ok());
+        for bad in [
+            "stop_signal = \"KILL\"",
+            "stop_signal = \"9\"",
+            "stop_timeout_s = 0",
+            "stop_timeout_s = 301",
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains("web") && e.contains("stop_"), "{bad}: {e}");
+        }
+    }
+}
