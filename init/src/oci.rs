@@ -900,6 +900,207 @@ mod tests {
         addr
     }
 
+    /// Interop with a real registry (Debian's docker-registry on loopback):
+    /// an OCI image, a Docker v2 schema 2 image, and multi-arch indexes in
+    /// both formats (OCI index, Docker manifest list) whose linux/amd64
+    /// entry must be the one pulled.
+    #[test]
+    fn pulls_oci_docker_and_multi_arch_images_from_docker_registry() {
+        let Some(bin) = ["/usr/bin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            println!("SKIP: registry interop: /usr/bin/docker-registry missing (make deps installs docker-registry)");
+            return;
+        };
+        let t = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = t.path().join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{ level: warn }}\nstorage: {{ filesystem: {{ rootdirectory: {} }} }}\nhttp: {{ addr: 127.0.0.1:{port} }}\n",
+                t.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        /// Stops the registry by its pid when the test ends, pass or fail.
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _registry = Kill(
+            std::process::Command::new(bin)
+                .arg("serve")
+                .arg(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        for _ in 0..100 {
+            if agent.get(&format!("{base}/v2/")).call().is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+        let push_blob = |repo: &str, b: &[u8]| {
+            let r = agent
+                .post(&format!("{base}/v2/{repo}/blobs/uploads/"))
+                .send_empty()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202, "upload start");
+            let loc = r.headers()["location"].to_str().unwrap().to_string();
+            let loc = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{base}{loc}")
+            };
+            let sep = if loc.contains('?') { '&' } else { '?' };
+            let r = agent
+                .put(&format!("{loc}{sep}digest={}", d(b)))
+                .content_type("application/octet-stream")
+                .send(b)
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201, "blob upload");
+        };
+        let push_manifest = |repo: &str, mt: &str, b: &[u8]| {
+            let r = agent
+                .put(&format!("{base}/v2/{repo}/manifests/{}", d(b)))
+                .content_type(mt)
+                .send(b)
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201, "manifest {mt}");
+            d(b)
+        };
+        let layer_with = |file: &str, text: &[u8], gzip: bool| {
+            let mut tar = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(text.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            tar.append_data(&mut h, file, text).unwrap();
+            let raw = tar.into_inner().unwrap();
+            if !gzip {
+                return raw;
+            }
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&raw).unwrap();
+            gz.finish().unwrap()
+        };
+        let image = |repo: &str, docker: bool, text: &[u8]| -> (String, &'static str) {
+            let layer = layer_with("which", text, true);
+            let config = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/which"]},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+            push_blob(repo, &layer);
+            push_blob(repo, &config);
+            let (mt, cmt, lmt) = if docker {
+                (
+                    MT_DOCKER_MANIFEST,
+                    "application/vnd.docker.container.image.v1+json",
+                    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                )
+            } else {
+                (
+                    MT_OCI_MANIFEST,
+                    "application/vnd.oci.image.config.v1+json",
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                )
+            };
+            let m = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{mt}","config":{{"mediaType":"{cmt}","digest":"{}","size":{}}},"layers":[{{"mediaType":"{lmt}","digest":"{}","size":{}}}]}}"#,
+                d(&config),
+                config.len(),
+                d(&layer),
+                layer.len()
+            );
+            (push_manifest(repo, mt, m.as_bytes()), mt)
+        };
+        let index = |repo: &str, mt: &str, entries: &[(&str, &str, &str)]| {
+            let list: Vec<String> = entries
+                .iter()
+                .map(|(digest, emt, arch)| {
+                    let size = agent
+                        .get(&format!("{base}/v2/{repo}/manifests/{digest}"))
+                        .header("Accept", *emt)
+                        .call()
+                        .unwrap()
+                        .body_mut()
+                        .read_to_vec()
+                        .unwrap()
+                        .len();
+                    format!(
+                        r#"{{"mediaType":"{emt}","digest":"{digest}","size":{size},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
+                    )
+                })
+                .collect();
+            let body = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{mt}","manifests":[{}]}}"#,
+                list.join(",")
+            );
+            push_manifest(repo, mt, body.as_bytes())
+        };
+        let store = Store::new(t.path().join("store"));
+        let pull = |repo: &str, digest: &str| -> String {
+            let img = ImageRef {
+                registry: format!("127.0.0.1:{port}"),
+                repository: repo.into(),
+                digest: digest.into(),
+                insecure: true,
+            };
+            let p = store
+                .pull(&img)
+                .unwrap_or_else(|e| panic!("{repo}@{digest}: {e}"));
+            std::fs::read_to_string(p.layers[0].join("which")).unwrap()
+        };
+        let (oci, _) = image("demo/oci", false, b"oci");
+        assert_eq!(pull("demo/oci", &oci), "oci");
+        let (docker, _) = image("demo/docker", true, b"docker");
+        assert_eq!(pull("demo/docker", &docker), "docker");
+        // Multi-arch: arm64 first, amd64 second; amd64 must win.
+        let (arm, arm_mt) = image("demo/multi", false, b"arm64");
+        let (amd, amd_mt) = image("demo/multi", true, b"amd64");
+        let oci_index = index(
+            "demo/multi",
+            MT_OCI_INDEX,
+            &[(&arm, arm_mt, "arm64"), (&amd, amd_mt, "amd64")],
+        );
+        assert_eq!(pull("demo/multi", &oci_index), "amd64");
+        let list = index(
+            "demo/multi",
+            MT_DOCKER_LIST,
+            &[(&arm, arm_mt, "arm64"), (&amd, amd_mt, "amd64")],
+        );
+        assert_eq!(pull("demo/multi", &list), "amd64");
+        // An index without linux/amd64 is refused by name.
+        let only_arm = index("demo/multi", MT_OCI_INDEX, &[(&arm, arm_mt, "arm64")]);
+        let e = store
+            .pull(&ImageRef {
+                registry: format!("127.0.0.1:{port}"),
+                repository: "demo/multi".into(),
+                digest: only_arm,
+                insecure: true,
+            })
+            .expect_err("no amd64")
+            .to_string();
+        assert!(e.contains("linux/amd64"), "{e}");
+    }
+
     /// An image built into the boot image: pulled with no registry at all
     /// (nothing listens on its address); a seed blob that does not match
     /// its digest is not used.
