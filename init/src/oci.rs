@@ -696,9 +696,11 @@ pub fn unpack_layer(blob: &Path, media_type: &str, dest: &Path) -> Result<(), Pu
     let reader: Box<dyn Read> = if media_type.ends_with("gzip") {
         Box::new(flate2::read::GzDecoder::new(io::BufReader::new(file)))
     } else if media_type.ends_with("zstd") {
-        return Err(PullError::BadImage(format!(
-            "zstd layers are not supported yet ({media_type})"
-        )));
+        // Every frame of the stream, as zstd:chunked layers have several.
+        Box::new(
+            zstd::stream::read::Decoder::new(file)
+                .map_err(io_err(format!("opening zstd layer {}", blob.display())))?,
+        )
     } else {
         Box::new(io::BufReader::new(file))
     };
@@ -1099,6 +1101,43 @@ mod tests {
             .expect_err("no amd64")
             .to_string();
         assert!(e.contains("linux/amd64"), "{e}");
+    }
+
+    /// gzip, zstd (several frames, as zstd:chunked writes them) and plain
+    /// tar layers unpack alike.
+    #[test]
+    fn gzip_zstd_and_plain_layers_unpack() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, "f", &b"hello"[..]).unwrap();
+        let raw = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let gz = gz.finish().unwrap();
+        let (a, b) = raw.split_at(raw.len() / 2);
+        let mut zst = zstd::encode_all(a, 3).unwrap();
+        zst.extend(zstd::encode_all(b, 3).unwrap());
+        let t = tempfile::tempdir().unwrap();
+        for (n, (bytes, mt)) in [
+            (raw.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (zst, "application/vnd.oci.image.layer.v1.tar+zstd"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let blob = t.path().join(format!("blob{n}"));
+            std::fs::write(&blob, bytes).unwrap();
+            let dest = t.path().join(format!("layer{n}"));
+            unpack_layer(&blob, mt, &dest).unwrap_or_else(|e| panic!("{mt}: {e}"));
+            assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"hello", "{mt}");
+        }
     }
 
     /// An image built into the boot image: pulled with no registry at all
