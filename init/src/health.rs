@@ -63,11 +63,16 @@ pub fn spawn(
         .name(format!("health-{name}"))
         .spawn(move || {
             while alive.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_secs(u64::from(h.interval_s)));
-                if !alive.load(Ordering::SeqCst) {
-                    return;
+                // Sleep in short steps: a stopped prober ends within a
+                // second, not after a whole (up to an hour's) interval.
+                for _ in 0..h.interval_s * 4 {
+                    std::thread::sleep(Duration::from_millis(250));
+                    if !alive.load(Ordering::SeqCst) {
+                        return;
+                    }
                 }
-                if !report(probe(&h, addr)) {
+                let result = probe(&h, addr);
+                if !alive.load(Ordering::SeqCst) || !report(result) {
                     return;
                 }
             }

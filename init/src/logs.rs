@@ -107,22 +107,27 @@ const SHIPPED: &str = ".shipped.json";
 const SHIP_CHUNK: u64 = 256 * 1024;
 
 /// Ships every log in [`dir`] to the hub, every 2 s, from where the last
-/// shipment ended (offsets kept beside the logs, so a reboot neither
-/// repeats nor skips lines). A rotated file starts again from 0: lines
-/// written to the old file after the last shipment are not shipped.
+/// shipment ended. Offsets (inode, bytes) are kept beside the logs and
+/// saved after every chunk, so a reboot neither repeats nor skips lines;
+/// they are read again whenever the log directory moves to another
+/// filesystem (a state volume adopted after boot). When a file was rotated
+/// since the last shipment, the rest of the old one (`.1`) goes first.
 pub fn spawn_shipper(hub: String, node: String) {
     use std::os::unix::fs::MetadataExt;
     let _ = std::thread::Builder::new()
         .name("log-ship".into())
         .spawn(move || {
-            let state = dir().join(SHIPPED);
-            let mut shipped: std::collections::BTreeMap<String, (u64, u64)> = std::fs::read(&state)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
+            let mut shipped = Offsets::default();
+            let mut dev = None;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(2));
-                let mut changed = false;
+                let Ok(d) = std::fs::metadata(dir()) else {
+                    continue;
+                };
+                if dev != Some(d.dev()) {
+                    dev = Some(d.dev());
+                    shipped = Offsets::load();
+                }
                 let Ok(rd) = std::fs::read_dir(dir()) else {
                     continue;
                 };
@@ -137,42 +142,91 @@ pub fn spawn_shipper(hub: String, node: String) {
                     .filter(|n| !n.starts_with('.'))
                     .collect();
                 names.sort();
-                'files: for name in names {
-                    let path = dir().join(format!("{name}.log"));
-                    let Ok(meta) = std::fs::metadata(&path) else {
-                        continue;
-                    };
-                    let (ino, mut off) = shipped.get(&name).copied().unwrap_or((meta.ino(), 0));
-                    if ino != meta.ino() || meta.len() < off {
-                        off = 0;
-                    }
-                    while off < meta.len() {
-                        let mut buf = Vec::new();
-                        let read = std::fs::File::open(&path).and_then(|f| {
-                            use std::io::{Read, Seek, SeekFrom};
-                            let mut f = f;
-                            f.seek(SeekFrom::Start(off))?;
-                            f.take(SHIP_CHUNK).read_to_end(&mut buf)
-                        });
-                        if read.is_err() || buf.is_empty() {
-                            break;
-                        }
-                        if let Err(e) = crate::hub::post_log(&hub, &node, &name, &buf) {
-                            tracing::debug!("{e}");
-                            break 'files; // the hub is away: try again later
-                        }
-                        off += buf.len() as u64;
-                        shipped.insert(name.clone(), (meta.ino(), off));
-                        changed = true;
-                    }
-                }
-                if changed {
-                    if let Ok(b) = serde_json::to_vec(&shipped) {
-                        let _ = cairn_storage::files::write_atomic(&state, &b);
+                for name in names {
+                    if !ship_one(&hub, &node, &name, &mut shipped) {
+                        break; // the hub is away: try again later
                     }
                 }
             }
         });
+}
+
+/// (inode, offset) per log name, persisted in [`SHIPPED`].
+#[derive(Default)]
+struct Offsets(std::collections::BTreeMap<String, (u64, u64)>);
+
+impl Offsets {
+    fn load() -> Offsets {
+        Offsets(
+            std::fs::read(dir().join(SHIPPED))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn save(&self) {
+        if let Ok(b) = serde_json::to_vec(&self.0) {
+            let _ = cairn_storage::files::write_atomic(&dir().join(SHIPPED), &b);
+        }
+    }
+}
+
+/// Ships what is new in log `name`; false when the hub did not take it.
+fn ship_one(hub: &str, node: &str, name: &str, shipped: &mut Offsets) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let path = dir().join(format!("{name}.log"));
+    let Ok(mut f) = std::fs::File::open(&path) else {
+        return true;
+    };
+    let Ok(meta) = f.metadata() else {
+        return true;
+    };
+    let (ino, off) = shipped.0.get(name).copied().unwrap_or((meta.ino(), 0));
+    let mut off = off;
+    if ino != meta.ino() {
+        // Rotated: finish the old file (now `.1`) if it is the one we were
+        // reading, then start the new one from its beginning.
+        if let Ok(mut old) = std::fs::File::open(dir().join(format!("{name}.log.1"))) {
+            if old.metadata().is_ok_and(|m| m.ino() == ino) {
+                let mut rest = Vec::new();
+                let read = old
+                    .seek(SeekFrom::Start(off))
+                    .and_then(|_| (&mut old).take(SHIP_CHUNK * 4).read_to_end(&mut rest));
+                if read.is_ok()
+                    && !rest.is_empty()
+                    && crate::hub::post_log(hub, node, name, &rest).is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        off = 0;
+    } else if meta.len() < off {
+        off = 0; // truncated
+    }
+    while off < meta.len() {
+        let mut buf = Vec::new();
+        let read = f
+            .seek(SeekFrom::Start(off))
+            .and_then(|_| (&mut f).take(SHIP_CHUNK).read_to_end(&mut buf));
+        if read.is_err() || buf.is_empty() {
+            break;
+        }
+        if let Err(e) = crate::hub::post_log(hub, node, name, &buf) {
+            tracing::debug!("{e}");
+            return false;
+        }
+        off += buf.len() as u64;
+        shipped.0.insert(name.to_string(), (meta.ino(), off));
+        shipped.save();
+    }
+    if !shipped.0.contains_key(name) || shipped.0[name].0 != meta.ino() {
+        shipped.0.insert(name.to_string(), (meta.ino(), off));
+        shipped.save();
+    }
+    true
 }
 
 /// PID 1's own log file, once the state volume is up.

@@ -329,6 +329,14 @@ impl Store {
         self
     }
 
+    /// The same store without its seed (registry only).
+    fn without_seed(&self) -> Store {
+        Store {
+            root: self.root.clone(),
+            seed: None,
+        }
+    }
+
     /// The seed's copy of `digest`, opened, if it has one.
     fn seed_blob(&self, digest: &str) -> Option<(std::fs::File, PathBuf)> {
         let p = self
@@ -622,6 +630,11 @@ impl Store {
         })();
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&tmp);
+            if from == BlobSource::Seed {
+                tracing::warn!(what, "seed copy unreadable ({e}); trying the registry");
+                drop(reader);
+                return self.without_seed().download(reg, d, what);
+            }
             return Err(e);
         }
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
@@ -632,11 +645,7 @@ impl Store {
                 // still have the blob.
                 tracing::warn!(what, "seed copy refused ({e}); trying the registry");
                 drop(reader);
-                let registry_only = Store {
-                    root: self.root.clone(),
-                    seed: None,
-                };
-                return registry_only.download(reg, d, what);
+                return self.without_seed().download(reg, d, what);
             }
             return Err(e);
         }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 /// Set by the agent when workloads are stopped during shutdown.
 pub static AGENT_STOPPED: AtomicBool = AtomicBool::new(false);
+/// The longest stop timeout of any workload (seconds): a shutdown waits
+/// that long (plus a margin) for the agent before halting anyway.
+pub static MAX_STOP_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10);
 
 const SIGNALS: &[libc::c_int] = &[
     libc::SIGCHLD,
@@ -308,7 +311,8 @@ fn signal_loop(set: &libc::sigset_t, tx: &Sender<Event>) -> ! {
             _ => reap(tx), // also catches exits whose SIGCHLD coalesced
         }
         if let Some((poweroff, since)) = shutdown {
-            if AGENT_STOPPED.load(Ordering::SeqCst) || since.elapsed() > Duration::from_secs(15) {
+            let patience = Duration::from_secs(MAX_STOP_S.load(Ordering::SeqCst) + 5);
+            if AGENT_STOPPED.load(Ordering::SeqCst) || since.elapsed() > patience {
                 final_halt(poweroff);
             }
         }

@@ -54,6 +54,8 @@ pub enum Event {
         name: String,
         /// Slot generation.
         gen: u64,
+        /// The process probed (a late result must not hit its successor).
+        pid: u32,
         /// Healthy, or why not.
         result: Result<(), String>,
     },
@@ -598,6 +600,20 @@ struct Slot {
     unhealthy_restarts: u32,
     /// OOM kills seen in its cgroup (the counter is the cgroup's).
     oom_kills: u64,
+    /// The cgroup's OOM counter when the running process started.
+    oom_baseline: u64,
+    /// The running process was killed for failing its health check.
+    killed_unhealthy: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // A dropped slot (removed, or a reconcile loop that restarted)
+        // must not leave its prober running.
+        if let Some(a) = self.health_alive.take() {
+            a.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 struct Supervisor<'a> {
@@ -740,7 +756,12 @@ impl<'a> Supervisor<'a> {
             }
             Event::Exited { pid, status } => self.on_exit(pid, status),
             Event::Prepared { name, gen, result } => self.on_prepared(&name, gen, result),
-            Event::Health { name, gen, result } => self.on_health(&name, gen, result),
+            Event::Health {
+                name,
+                gen,
+                pid,
+                result,
+            } => self.on_health(&name, gen, pid, result),
             Event::Answering { name, gen } => {
                 if let Some(s) = self.slots.get_mut(&name).filter(|s| s.gen == gen) {
                     s.answering = true;
@@ -762,12 +783,10 @@ impl<'a> Supervisor<'a> {
     /// A health probe's result: counted; `failures` in a row kill the
     /// process (its whole cgroup), and the restart policy takes it from
     /// there (the kill counts as a failure).
-    fn on_health(&mut self, name: &str, gen: u64, result: Result<(), String>) -> bool {
-        let Some(s) = self
-            .slots
-            .get_mut(name)
-            .filter(|s| s.gen == gen && matches!(s.state, State::Running { .. }))
-        else {
+    fn on_health(&mut self, name: &str, gen: u64, pid: u32, result: Result<(), String>) -> bool {
+        let Some(s) = self.slots.get_mut(name).filter(|s| {
+            s.gen == gen && matches!(s.state, State::Running { pid: p, .. } if p == pid)
+        }) else {
             return false;
         };
         let before = (s.health_state, s.health_failures);
@@ -800,6 +819,7 @@ impl<'a> Supervisor<'a> {
                     if let Some(a) = s.health_alive.take() {
                         a.store(false, std::sync::atomic::Ordering::SeqCst);
                     }
+                    s.killed_unhealthy = true;
                     s.w.kill();
                 }
             }
@@ -1282,6 +1302,13 @@ impl<'a> Supervisor<'a> {
         for (name, kind) in &self.unsupported {
             tracing::error!(workload = %name, kind, "{kind} workloads are not supported by this build yet");
         }
+        let longest = m
+            .containers
+            .iter()
+            .map(|c| u64::from(c.stop_timeout_s))
+            .max()
+            .unwrap_or(10);
+        pid1::MAX_STOP_S.store(longest, std::sync::atomic::Ordering::SeqCst);
         let desired: Vec<Arc<dyn Workload>> = m
             .containers
             .iter()
@@ -1405,6 +1432,8 @@ impl<'a> Supervisor<'a> {
                 health_error: None,
                 unhealthy_restarts: 0,
                 oom_kills: 0,
+                oom_baseline: 0,
+                killed_unhealthy: false,
             },
         );
         self.prepare(&name);
@@ -1498,13 +1527,17 @@ impl<'a> Supervisor<'a> {
                 s.error = None;
                 s.answering = false;
                 s.started_once = true;
+                s.oom_baseline = s.w.oom_kills();
+                s.killed_unhealthy = false;
+                s.health_error = None;
                 if let Some(h) = s.w.health() {
                     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-                    let (tx, n, gen) = (self.tx.clone(), name.to_string(), s.gen);
+                    let (tx, n, gen, pid) = (self.tx.clone(), name.to_string(), s.gen, st.pid);
                     crate::health::spawn(name, h, st.address, alive.clone(), move |result| {
                         tx.send(Event::Health {
                             name: n.clone(),
                             gen,
+                            pid,
                             result,
                         })
                         .is_ok()
@@ -1600,10 +1633,15 @@ impl<'a> Supervisor<'a> {
         // The kernel's OOM killer leaves a count in the cgroup, not in
         // the exit status: compare it with what was seen before.
         let ooms = s.w.oom_kills();
-        if ooms > s.oom_kills {
+        if ooms > s.oom_baseline {
             what = format!("{what}; OOM-killed (its memory limit was reached)");
-            tracing::error!(workload = %name, oom_kills = ooms, "out of memory: the kernel killed it");
-            s.oom_kills = ooms;
+            s.oom_kills += ooms - s.oom_baseline;
+            tracing::error!(workload = %name, oom_kills = s.oom_kills, "out of memory: the kernel killed it");
+            s.oom_baseline = ooms;
+        }
+        let unhealthy = std::mem::take(&mut s.killed_unhealthy);
+        if unhealthy {
+            what = format!("{what}; killed by PID 1: its health check failed");
         }
         s.last_exit = Some(what.clone());
         if let Some(a) = s.health_alive.take() {
@@ -1631,7 +1669,9 @@ impl<'a> Supervisor<'a> {
             s.state = State::Exited;
             return true;
         }
-        s.consecutive_failures = if ran > Duration::from_secs(10) {
+        // A long run resets the backoff, unless it ended because it never
+        // became (or stopped being) healthy: that is a crash loop too.
+        s.consecutive_failures = if ran > Duration::from_secs(10) && !unhealthy {
             1
         } else {
             s.consecutive_failures + 1

@@ -358,7 +358,7 @@ fn default_stop_timeout() -> u32 {
 /// The signal number of a stop signal name, if it is one we allow.
 pub fn stop_signal_number(name: &str) -> Option<i32> {
     // Linux x86-64 numbers (signal(7)); KILL is what follows the timeout.
-    Some(match name.trim_start_matches("SIG") {
+    Some(match name.strip_prefix("SIG").unwrap_or(name) {
         "HUP" => 1,
         "INT" => 2,
         "QUIT" => 3,

@@ -73,9 +73,14 @@ pids_max = 40"#;
             .unwrap_or_default()
     );
     assert_ne!(first, second, "a new instance answers");
-    assert!(workload(&st, "web").unwrap()["health"]["last_error"]
-        .as_str()
-        .is_some_and(|e| e.contains("HTTP 503")));
+    // The exit says why (the new instance starts with a clean record).
+    assert!(
+        workload(&st, "web").unwrap()["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("health check failed")),
+        "{}",
+        workload(&st, "web").unwrap()
+    );
     // peer has no health check: nothing reported, never restarted.
     assert!(workload(&st, "peer").unwrap()["health"].is_null());
     assert_eq!(workload(&st, "peer").unwrap()["restarts"], 0);

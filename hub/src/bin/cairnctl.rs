@@ -226,8 +226,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let client = hub(h);
             let mut at = 0;
             let mut out = std::io::stdout();
+            let mut warned = false;
             loop {
-                let (bytes, next, end) = client.get_log(&node, &workload, at)?;
+                let (bytes, next, end) = match client.get_log(&node, &workload, at) {
+                    Ok(r) => r,
+                    // Following: a log not shipped yet, or a hub restarting,
+                    // is waited out (said once).
+                    Err(e) if follow => {
+                        if !warned {
+                            eprintln!("cairnctl: {e}; still trying");
+                            warned = true;
+                        }
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                warned = false;
                 out.write_all(&bytes)?;
                 out.flush()?;
                 at = next;
