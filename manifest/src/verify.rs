@@ -446,12 +446,20 @@ port = [{{ host = 8080, container = 80 }}]
     }
 }
 
+/// Parses and validates authoring TOML (tests).
+#[cfg(test)]
+fn parse_valid(toml: &str) -> Result<crate::types::Manifest, String> {
+    crate::types::Manifest::from_toml(toml)
+        .map_err(|e| e.to_string())
+        .and_then(|m| m.validate().map(|()| m).map_err(|e| e.to_string()))
+}
+
 #[cfg(test)]
 mod os_tests {
     use crate::types::*;
 
     fn with_os(version: &str, url: &str, digest: &str) -> Result<Manifest, String> {
-        Manifest::from_toml(&format!(
+        super::parse_valid(&format!(
             r#"
 node = "n1"
 version = 1
@@ -465,8 +473,6 @@ initramfs = {{ url = "http://h/i", sha256 = "sha256:{d}" }}
 "#,
             d = "cd".repeat(32)
         ))
-        .map_err(|e| e.to_string())
-        .and_then(|m| m.validate().map(|()| m).map_err(|e| e.to_string()))
     }
 
     /// Versions become directory names on a FAT ESP: `.`, `..`, upper case
@@ -501,7 +507,7 @@ mod stop_tests {
     use crate::types::*;
 
     fn with(extra: &str) -> Result<Manifest, String> {
-        Manifest::from_toml(&format!(
+        super::parse_valid(&format!(
             r#"
 node = "n1"
 version = 1
@@ -515,8 +521,6 @@ image = {{ registry = "r:5000", repository = "a/b", digest = "sha256:{d}", insec
 "#,
             d = "ab".repeat(32)
         ))
-        .map_err(|e| e.to_string())
-        .and_then(|m| m.validate().map(|()| m).map_err(|e| e.to_string()))
     }
 
     #[test]

@@ -794,6 +794,13 @@ restart = "always"
     }
 }
 
+/// The `instance=` id in a demo server's answer.
+pub fn instance(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+        .map(str::to_string)
+}
+
 /// True when the status shows workload `name` answering on its port.
 pub fn answering(st: &serde_json::Value, name: &str) -> bool {
     workload(st, name).is_some_and(|w| w["answering"] == true)

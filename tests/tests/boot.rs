@@ -4,16 +4,10 @@
 //! NAT, the restart policy and the trust model's refusals, on the same boot.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{inputs_or_skip, run, workload, Scenario, NODE};
+use cairn_e2e::{inputs_or_skip, instance, run, workload, Scenario, NODE};
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn instance(body: &str) -> Option<String> {
-    body.split_whitespace()
-        .find_map(|w| w.strip_prefix("instance="))
-        .map(str::to_string)
-}
 
 #[test]
 fn boot_manifest_container_restart_and_refusals() -> Result<()> {

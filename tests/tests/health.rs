@@ -8,15 +8,9 @@
 //! restarts it; and `/threads` asks for 500 threads under `pids_max = 40`.
 
 use anyhow::{Context, Result};
-use cairn_e2e::{answering, inputs_or_skip, run, workload, Scenario, NODE};
+use cairn_e2e::{answering, inputs_or_skip, instance, run, workload, Scenario, NODE};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn instance(body: &str) -> Option<String> {
-    body.split_whitespace()
-        .find_map(|w| w.strip_prefix("instance="))
-        .map(str::to_string)
-}
 
 #[test]
 fn a_failing_health_check_restarts_the_workload() -> Result<()> {
