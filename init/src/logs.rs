@@ -166,52 +166,74 @@ impl Offsets {
     }
 
     fn save(&self) {
+        if SHIPPING_STOPPED.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Ok(b) = serde_json::to_vec(&self.0) {
             let _ = cairn_storage::files::write_atomic(&dir().join(SHIPPED), &b);
         }
     }
 }
 
-/// Ships what is new in log `name`; false when the hub did not take it.
-fn ship_one(hub: &str, node: &str, name: &str, shipped: &mut Offsets) -> bool {
+/// Set once the node shuts down: the shipper touches no file on the
+/// state volume any more (an open file would keep it from unmounting).
+static SHIPPING_STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `len` bytes (at most) of `path` from `off`, with the file's inode and
+/// size; the file is closed again before anything is sent anywhere.
+fn read_chunk(path: &Path, off: u64, len: u64) -> Option<(Vec<u8>, u64, u64)> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::MetadataExt;
+    if SHIPPING_STOPPED.load(std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    let mut f = std::fs::File::open(path).ok()?;
+    let meta = f.metadata().ok()?;
+    let mut buf = Vec::new();
+    if off < meta.len() {
+        f.seek(SeekFrom::Start(off)).ok()?;
+        (&mut f).take(len).read_to_end(&mut buf).ok()?;
+    }
+    Some((buf, meta.ino(), meta.len()))
+}
+
+/// Ships what is new in log `name`; false when the hub did not take it.
+fn ship_one(hub: &str, node: &str, name: &str, shipped: &mut Offsets) -> bool {
     let path = dir().join(format!("{name}.log"));
-    let Ok(mut f) = std::fs::File::open(&path) else {
+    let Some((_, ino_now, len_now)) = read_chunk(&path, u64::MAX, 0) else {
         return true;
     };
-    let Ok(meta) = f.metadata() else {
-        return true;
+    struct Meta {
+        ino: u64,
+        len: u64,
+    }
+    let meta = Meta {
+        ino: ino_now,
+        len: len_now,
     };
-    let (ino, off) = shipped.0.get(name).copied().unwrap_or((meta.ino(), 0));
+    let (ino, off) = shipped.0.get(name).copied().unwrap_or((meta.ino, 0));
     let mut off = off;
-    if ino != meta.ino() {
+    if ino != meta.ino {
         // Rotated: finish the old file (now `.1`) if it is the one we were
         // reading, then start the new one from its beginning.
-        if let Ok(mut old) = std::fs::File::open(dir().join(format!("{name}.log.1"))) {
-            if old.metadata().is_ok_and(|m| m.ino() == ino) {
-                let mut rest = Vec::new();
-                let read = old
-                    .seek(SeekFrom::Start(off))
-                    .and_then(|_| (&mut old).take(SHIP_CHUNK * 4).read_to_end(&mut rest));
-                if read.is_ok()
-                    && !rest.is_empty()
-                    && crate::hub::post_log(hub, node, name, &rest).is_err()
-                {
-                    return false;
-                }
+        let old = dir().join(format!("{name}.log.1"));
+        if let Some((rest, old_ino, _)) = read_chunk(&old, off, SHIP_CHUNK * 4) {
+            if old_ino == ino
+                && !rest.is_empty()
+                && crate::hub::post_log(hub, node, name, &rest).is_err()
+            {
+                return false;
             }
         }
         off = 0;
-    } else if meta.len() < off {
+    } else if meta.len < off {
         off = 0; // truncated
     }
-    while off < meta.len() {
-        let mut buf = Vec::new();
-        let read = f
-            .seek(SeekFrom::Start(off))
-            .and_then(|_| (&mut f).take(SHIP_CHUNK).read_to_end(&mut buf));
-        if read.is_err() || buf.is_empty() {
+    while off < meta.len {
+        let Some((buf, ino_read, _)) = read_chunk(&path, off, SHIP_CHUNK) else {
+            return true;
+        };
+        if buf.is_empty() || ino_read != meta.ino {
             break;
         }
         if let Err(e) = crate::hub::post_log(hub, node, name, &buf) {
@@ -219,11 +241,11 @@ fn ship_one(hub: &str, node: &str, name: &str, shipped: &mut Offsets) -> bool {
             return false;
         }
         off += buf.len() as u64;
-        shipped.0.insert(name.to_string(), (meta.ino(), off));
+        shipped.0.insert(name.to_string(), (meta.ino, off));
         shipped.save();
     }
-    if !shipped.0.contains_key(name) || shipped.0[name].0 != meta.ino() {
-        shipped.0.insert(name.to_string(), (meta.ino(), off));
+    if shipped.0.get(name).map(|e| e.0) != Some(meta.ino) {
+        shipped.0.insert(name.to_string(), (meta.ino, off));
         shipped.save();
     }
     true
@@ -238,8 +260,10 @@ pub fn start_own_log() {
         Some(LogFile::new(&dir(), "cairn-init", MAX_BYTES, KEEP));
 }
 
-/// Closes PID 1's log file (before the state volume is unmounted).
+/// Closes PID 1's log file and stops the shipper touching the volume
+/// (before the state volume is unmounted).
 pub fn stop_own_log() {
+    SHIPPING_STOPPED.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Ok(mut own) = OWN.lock() {
         *own = None;
     }

@@ -346,12 +346,21 @@ fn final_halt(poweroff: bool) -> ! {
 /// the journal).
 fn unmount_state() {
     let target = c"/var/lib/cairn";
-    // SAFETY: umount2 on a NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        tracing::info!("state volume unmounted");
-        return;
+    // A thread of ours may hold a file open for a moment (a log read):
+    // a few tries before settling for read-only.
+    let mut busy = std::io::Error::other("not tried");
+    for _ in 0..10 {
+        // SAFETY: umount2 on a NUL-terminated path.
+        if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+            tracing::info!("state volume unmounted");
+            return;
+        }
+        busy = std::io::Error::last_os_error();
+        if busy.raw_os_error() != Some(libc::EBUSY) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let busy = std::io::Error::last_os_error();
     // SAFETY: a remount with null source/type and a NUL-terminated target.
     let rc = unsafe {
         libc::mount(
