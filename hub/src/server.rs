@@ -409,6 +409,12 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// Log names are workload names (or `cairn-init`): the node-name syntax.
+fn check_log_name(name: &str) -> Result<(), ApiError> {
+    check_node(name)
+        .map_err(|_| ApiError::bad_request(format!("log name {name:?} is not a workload name")))
+}
+
 /// A node ships new lines of one of its logs (a workload's, or
 /// `cairn-init` for PID 1's own).
 async fn post_log(
@@ -417,8 +423,7 @@ async fn post_log(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_node(&node)?;
-    check_node(&name)
-        .map_err(|_| ApiError::bad_request(format!("log name {name:?} is not a workload name")))?;
+    check_log_name(&name)?;
     let bytes = body.map_err(|r| ApiError::body(r, LOG_LIMIT))?;
     let end = blocking(move || st.store.append_log(&node, &name, &bytes)).await?;
     Ok(Json(serde_json::json!({ "end": end })).into_response())
@@ -432,8 +437,7 @@ async fn get_log(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     check_node(&node)?;
-    check_node(&name)
-        .map_err(|_| ApiError::bad_request(format!("log name {name:?} is not a workload name")))?;
+    check_log_name(&name)?;
     let from = match uri
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("from=")))

@@ -868,6 +868,20 @@ fn du(p: &Path) -> u64 {
 mod tests {
     use super::*;
 
+    /// An uncompressed tar with one regular file.
+    fn one_file_tar(path: &str, data: &[u8], mode: u32) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data).unwrap();
+        tar.into_inner().unwrap()
+    }
+
     /// An OCI image manifest for one config and one uncompressed layer.
     fn one_layer_manifest(config: &[u8], layer: &[u8]) -> Vec<u8> {
         let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
@@ -998,16 +1012,7 @@ mod tests {
             d(b)
         };
         let layer_with = |file: &str, text: &[u8], gzip: bool| {
-            let mut tar = tar::Builder::new(Vec::new());
-            let mut h = tar::Header::new_gnu();
-            h.set_size(text.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(0);
-            h.set_cksum();
-            tar.append_data(&mut h, file, text).unwrap();
-            let raw = tar.into_inner().unwrap();
+            let raw = one_file_tar(file, text, 0o644);
             if !gzip {
                 return raw;
             }
@@ -1116,16 +1121,7 @@ mod tests {
     /// tar layers unpack alike.
     #[test]
     fn gzip_zstd_and_plain_layers_unpack() {
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(5);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        tar.append_data(&mut h, "f", &b"hello"[..]).unwrap();
-        let raw = tar.into_inner().unwrap();
+        let raw = one_file_tar("f", b"hello", 0o644);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&raw).unwrap();
         let gz = gz.finish().unwrap();
@@ -1154,16 +1150,7 @@ mod tests {
     /// its digest is not used.
     #[test]
     fn seeded_images_need_no_registry_and_are_checked() {
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(3);
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        tar.append_data(&mut h, "hello", &b"hi\n"[..]).unwrap();
-        let layer = tar.into_inner().unwrap();
+        let layer = one_file_tar("hello", b"hi\n", 0o755);
         let config = br#"{"config":{"Cmd":["/hello"]}}"#.to_vec();
         let d = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
         let manifest = one_layer_manifest(&config, &layer);
